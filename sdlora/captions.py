@@ -68,7 +68,7 @@ def read_captions_json(path: str | Path) -> dict[Path, str]:
     captions = {}
     for key, value in data.items():
         if not isinstance(value, str):
-            raise UserError(f"{path}: the caption of {key!r} is not a string; write it as \"...\"")
+            raise UserError(f'{path}: the caption of {key!r} is not a string; write it as "..."')
         captions[_resolve(key, path.parent)] = value
     return captions
 
@@ -83,15 +83,21 @@ def read_metadata_jsonl(path: str | Path, caption_column: str = "text") -> dict[
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {lineno} column {e.colno} ({e.msg}); fix the line") from None
+            raise UserError(
+                f"{path}: invalid JSON at line {lineno} column {e.colno} ({e.msg}); fix the line"
+            ) from None
         if not isinstance(row, dict) or "file_name" not in row:
-            raise UserError(f"{path}: line {lineno} has no \"file_name\"; each line needs file_name and {caption_column}")
+            raise UserError(
+                f'{path}: line {lineno} has no "file_name"; each line needs file_name and {caption_column}'
+            )
         caption = row.get(caption_column)
         if caption is not None and not isinstance(caption, str):
             raise UserError(f"{path}: line {lineno}: {caption_column!r} is not a string")
         image = _resolve(row["file_name"], path.parent)
         if image in captions:
-            raise UserError(f"{path}: {row['file_name']!r} is listed twice (line {lineno}); keep one caption per image")
+            raise UserError(
+                f"{path}: {row['file_name']!r} is listed twice (line {lineno}); keep one caption per image"
+            )
         captions[image] = caption if caption is not None else ""
     return captions
 

@@ -60,7 +60,9 @@ def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Image files under folder (by extension, case-insensitive), sorted for a stable order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder of images; pass --images_dir with the folder that holds them")
+        raise UserError(
+            f"{folder}: not a folder of images; pass --images_dir with the folder that holds them"
+        )
     pattern = "**/*" if recursive else "*"
     return sorted(
         p

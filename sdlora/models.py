@@ -32,9 +32,13 @@ def _load_config(model: str, subfolder: str, revision: str | None) -> dict:
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(model, "config.json", subfolder=subfolder, revision=revision)).read_text())
+        return json.loads(
+            Path(hf_hub_download(model, "config.json", subfolder=subfolder, revision=revision)).read_text()
+        )
     except Exception as e:  # offline, unknown id, private repo: all end the same way for the user
-        raise UserError(f"{model}: cannot read {subfolder}/config.json ({type(e).__name__}); check the model id or path") from None
+        raise UserError(
+            f"{model}: cannot read {subfolder}/config.json ({type(e).__name__}); check the model id or path"
+        ) from None
 
 
 def native_resolution(model: str, revision: str | None = None) -> int:
@@ -79,7 +83,9 @@ def load_base_model(model: str, revision: str | None = None, variant: str | None
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **kw)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kw)
     except OSError as e:
-        raise UserError(f"{model}: cannot load the model ({str(e).splitlines()[0]}); check the id, path or --variant") from None
+        raise UserError(
+            f"{model}: cannot load the model ({str(e).splitlines()[0]}); check the id, path or --variant"
+        ) from None
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.eval()

@@ -1,6 +1,6 @@
 """The sample images, captions and validation prompts that ship with the toolkit, drawn with PIL.
 
-    python -m sdlora.sample_data --output_dir .   # rewrites images/, image_captions.json, validation_prompts.txt
+python -m sdlora.sample_data --output_dir .   # rewrites images/, image_captions.json, validation_prompts.txt
 """
 
 from __future__ import annotations
@@ -18,9 +18,23 @@ SAMPLES = [
     ("red_circle.png", (96, 96), "navy", "circle", "red", "a red circle on a dark blue background"),
     ("yellow_sun.png", (128, 96), "skyblue", "circle", "yellow", "a yellow sun in a light blue sky"),
     ("green_square.png", (96, 96), "white", "square", "green", "a green square on a white background"),
-    ("purple_triangle.png", (96, 128), "black", "triangle", "purple", "a purple triangle on a black background"),
+    (
+        "purple_triangle.png",
+        (96, 128),
+        "black",
+        "triangle",
+        "purple",
+        "a purple triangle on a black background",
+    ),
     ("orange_stripes.png", (112, 96), "white", "stripes", "orange", "orange stripes on a white background"),
-    ("blue_grid.png", (96, 96), "lightgray", "grid", "blue", "a blue grid pattern on a light gray background"),
+    (
+        "blue_grid.png",
+        (96, 96),
+        "lightgray",
+        "grid",
+        "blue",
+        "a blue grid pattern on a light gray background",
+    ),
     ("pink_rings.png", (96, 112), "darkgreen", "rings", "pink", "pink rings on a dark green background"),
     ("night_moon.jpg", (128, 128), "midnightblue", "moon", "white", "a white moon in a night sky"),
 ]
@@ -36,7 +50,10 @@ def draw_sample(size: tuple[int, int], background: str, shape: str, colour: str)
     if shape in ("circle", "moon"):
         draw.ellipse(box, fill=colour)
         if shape == "moon":
-            draw.ellipse((w // 4 + w // 8, h // 4 - h // 16, 3 * w // 4 + w // 8, 3 * h // 4 - h // 16), fill=background)
+            draw.ellipse(
+                (w // 4 + w // 8, h // 4 - h // 16, 3 * w // 4 + w // 8, 3 * h // 4 - h // 16),
+                fill=background,
+            )
     elif shape == "square":
         draw.rectangle(box, fill=colour)
     elif shape == "triangle":

@@ -1,0 +1,103 @@
+"""Turn images/ + image_captions.json into a Hugging Face dataset (image + text columns).
+
+    python create_dataset.py                      # -> datasets/Text2Image_example
+    python create_dataset.py --images_dir photos --captions_file photos/metadata.jsonl --dataset_name mine
+
+Captions come from --captions_file (image_captions.json, or a metadata.jsonl); if it does not exist,
+from metadata.jsonl in --images_dir, else from kohya-style .txt files beside the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdlora.errors import UserError, run_cli
+from sdlora.images import parse_color
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images_dir", default="images", help="folder of images (searched recursively)")
+    p.add_argument(
+        "--captions_file", default="image_captions.json", help="image_captions.json or a metadata.jsonl"
+    )
+    p.add_argument(
+        "--dataset_name", default="Text2Image_example", help="name of the dataset folder / Hub dataset"
+    )
+    p.add_argument(
+        "--output_dir", default="datasets", help="the dataset is saved to <output_dir>/<dataset_name>"
+    )
+    p.add_argument(
+        "--save_to_disk", action=argparse.BooleanOptionalAction, default=True, help="save the dataset to disk"
+    )
+    p.add_argument("--push_to_hub", action="store_true", help="also push the dataset to the Hugging Face Hub")
+    p.add_argument(
+        "--hub_dataset_id", default=None, help="Hub dataset id (default: <user_name>/<dataset_name>)"
+    )
+    p.add_argument("--user_name", default=None, help="Hub user name, used when --hub_dataset_id is not given")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument(
+        "--skip_invalid", action="store_true", help="build from the valid pairs, skipping listed problems"
+    )
+    p.add_argument("--background", default="white", help="colour that transparent images are composited on")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="model whose tokenizer counts caption tokens and whose native size is the resolution (default: built-in tiny model)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="report images smaller than this (default: the model's native size)",
+    )
+    args = p.parse_args(argv)
+    if not args.save_to_disk and not args.push_to_hub:
+        p.error("nothing to do: pass --save_to_disk or --push_to_hub")
+    if args.push_to_hub and not (args.hub_dataset_id or args.user_name):
+        p.error("--push_to_hub needs --hub_dataset_id or --user_name")
+    return args
+
+
+def load_tokenizer_and_resolution(args: argparse.Namespace):
+    """The tokenizer that counts caption tokens, and the resolution small images are judged against."""
+    from sdlora.models import load_tokenizer, native_resolution, resolve_model
+
+    try:
+        model = resolve_model(args.pretrained_model_name_or_path)
+        return load_tokenizer(model), args.resolution or native_resolution(model)
+    except UserError as e:
+        print(f"warning: no caption token count ({e})")
+        return None, args.resolution
+
+
+def main(args: argparse.Namespace) -> None:
+    from sdlora.dataset_builder import build_dataset, collect_captions, pair_examples, save_dataset
+
+    output = Path(args.output_dir) / args.dataset_name
+    if args.save_to_disk and output.exists() and not args.overwrite:
+        raise UserError(
+            f"{output}: already exists; pass --overwrite to replace it or choose another --dataset_name"
+        )
+    images_dir = Path(args.images_dir)
+    captions, source = collect_captions(images_dir, Path(args.captions_file) if args.captions_file else None)
+    examples, problems = pair_examples(images_dir, captions, source)
+    tokenizer, resolution = load_tokenizer_and_resolution(args)
+    dataset, summary = build_dataset(
+        examples, args.skip_invalid, parse_color(args.background), tokenizer, resolution, problems
+    )
+    print(f"captions from {source}")
+    for line in summary.lines(resolution):
+        print(line)
+    if args.save_to_disk:
+        save_dataset(dataset, output, args.overwrite)
+        print(f"saved {len(dataset)} examples to {output}")
+    if args.push_to_hub:
+        repo_id = args.hub_dataset_id or f"{args.user_name}/{args.dataset_name}"
+        dataset.push_to_hub(repo_id)
+        print(f"pushed to https://huggingface.co/datasets/{repo_id}")
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())
