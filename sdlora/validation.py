@@ -1,0 +1,90 @@
+"""Validation images during training: seeded, from the modules in memory, to PNG and TensorBoard."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .generation import generate, make_grid, slugify
+
+logger = logging.getLogger(__name__)
+
+
+def pipeline_from_modules(model: str, base, unet, device, revision: str | None = None):
+    """A StableDiffusionPipeline around the training modules (no weights reloaded from disk)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model,
+        unet=unet,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        safety_checker=None,
+        requires_safety_checker=False,
+        revision=revision,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_with_saved_lora(
+    model: str, lora_dir: Path, dtype: torch.dtype, device, revision=None, variant=None
+):
+    """A fresh pipeline from disk with the saved LoRA file loaded: checks the file users will load."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, safety_checker=None, requires_safety_checker=False, revision=revision, variant=variant
+    )
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
+def run_validation(
+    pipe, prompts, negatives, args, step: int, output_dir: Path, trackers, autocast_dtype
+) -> bool:
+    """Generate args.num_validation_images per prompt; save PNGs and one grid per prompt to TensorBoard.
+
+    A failure is logged and reported as False: validation must never end a training run.
+    """
+    folder = output_dir / "validation" / f"step-{step}"
+    device = pipe.device
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    try:
+        for i, prompt in enumerate(prompts):
+            with autocast:
+                images = generate(
+                    pipe,
+                    prompt,
+                    negatives[i] if negatives else None,
+                    args.num_validation_images,
+                    args.validation_num_inference_steps,
+                    args.validation_guidance_scale,
+                    args.seed,
+                )
+            slug = slugify(prompt)
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, image in enumerate(images):
+                image.save(folder / f"{i:02d}-{slug}_{j}.png")
+            grid = np.asarray(make_grid(images))
+            for tracker in trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image(f"validation/{i:02d}-{slug}", grid, step, dataformats="HWC")
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.log({f"validation/{i:02d}-{slug}": wandb.Image(grid, caption=prompt)}, step=step)
+        return True
+    except Exception as e:  # noqa: BLE001 - reported and training goes on, by design
+        logger.error("validation at step %d failed (%s: %s); training continues", step, type(e).__name__, e)
+        return False
