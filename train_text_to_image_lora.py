@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -291,41 +292,13 @@ def load_model(args, accelerator, weight_dtype):
 
 def load_data(args, accelerator, base):
     """The dataset and the per-example view of it the trainer draws batches from."""
-    from sdlora.data import TrainImages, load_train_dataset
+    from sdlora.data import TrainImages, check_images, load_train_dataset
 
     dataset = load_train_dataset(args)
     images = TrainImages(dataset, args, base.tokenizer)
-    warn_about_data(args, images)
+    for line in check_images(images):
+        logger.warning(line)
     return dataset, images
-
-
-def warn_about_data(args, images) -> None:
-    """Say how many images will be upscaled and how long captions are truncated."""
-    import io
-
-    from PIL import Image
-
-    from sdlora.data import image_source
-
-    small = 0
-    for value in images.dataset[args.image_column]:
-        source, _ = image_source(value)
-        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as im:
-            small += min(im.size) < args.resolution
-    if small:
-        logger.warning(
-            "%d of %d images are smaller than %d px and will be upscaled", small, len(images), args.resolution
-        )
-    tokenizer = images.tokenizer
-    long = [c for c in images.captions if len(tokenizer(c).input_ids) > tokenizer.model_max_length]
-    if long:
-        logger.warning(
-            "%d captions are longer than %d tokens; the text encoder sees only their first %d tokens, e.g. %r",
-            len(long),
-            tokenizer.model_max_length,
-            tokenizer.model_max_length,
-            long[0][:80],
-        )
 
 
 def build_caches(args, accelerator, base, dataset, images, weight_dtype):
@@ -363,9 +336,9 @@ def build_caches(args, accelerator, base, dataset, images, weight_dtype):
             dtype=str(weight_dtype),
         )
         folder = cache_root / f"text-{key}" if args.cache_latents_to_disk else None
-        encode = lambda prompts: encode_prompts(
-            base.tokenizer, base.text_encoder, prompts, accelerator.device
-        )  # noqa: E731
+        encode = functools.partial(
+            encode_prompts, base.tokenizer, base.text_encoder, device=accelerator.device
+        )
         text_cache = TextCache.build(images.captions, encode, args, folder)
     return latent_cache, text_cache
 
@@ -419,15 +392,17 @@ def compat_settings(args, accelerator, dataset) -> dict:
 
 def maybe_resume(args, accelerator, unet, optimizer, lr_scheduler, compat) -> tuple[int, Path | None]:
     """Restore the checkpoint named by --resume_from_checkpoint; return (steps done, its folder)."""
-    from sdlora.checkpoints import check_compatible, load_checkpoint, resolve_resume
+    from sdlora.checkpoints import check_compatible, load_checkpoint, read_state, resolve_resume
 
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if path is None:
         if args.resume_from_checkpoint:
             logger.info("no checkpoint in %s yet; starting a new run", args.output_dir)
         return 0, None
+    check_compatible(
+        read_state(path)["compat"], compat, path, args.force_resume
+    )  # before loading mismatched weights
     saved = load_checkpoint(path, accelerator.unwrap_model(unet), optimizer, lr_scheduler, accelerator.scaler)
-    check_compatible(saved["compat"], compat, path, args.force_resume)
     logger.info("resumed from %s at step %d", path, saved["global_step"])
     return saved["global_step"], path
 

@@ -113,16 +113,27 @@ def save_checkpoint(output_dir: Path, step: int, unet, optimizer, lr_scheduler, 
     return final
 
 
+def read_state(path: Path) -> dict:
+    """The checkpoint's JSON state: step, schedule, scaler and the settings it was trained with."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(path: Path, unet, optimizer, lr_scheduler, scaler) -> dict:
     """Restore LoRA weights, optimizer, schedule and scaler from a checkpoint; return its state."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text())
-    load_lora_into_unet(unet, path / LORA_WEIGHT_NAME)
-    with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / OPTIMIZER_FILE)), meta))
+    state = read_state(path)
+    try:
+        load_lora_into_unet(unet, path / LORA_WEIGHT_NAME)
+        with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / OPTIMIZER_FILE)), meta))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # shape mismatch, missing or damaged file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path}: cannot be loaded into this run ({first_line}); resume with the settings it was saved with"
+        ) from None
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

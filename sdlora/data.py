@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,14 +71,26 @@ def augmentation(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+RESAMPLE = {
+    "lanczos": Image.LANCZOS,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "nearest": Image.NEAREST,
+}
+
+
 def resize_and_crop(
-    image: Image.Image, resolution: int, center_crop: bool, rng: np.random.Generator
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    rng: np.random.Generator,
+    resample: str = "lanczos",
 ) -> Image.Image:
-    """Resize the short side to `resolution` (bilinear with antialiasing), then crop a square."""
+    """Resize the short side to `resolution` (PIL's filters antialias when shrinking), then crop a square."""
     w, h = image.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((nw, nh), Image.BILINEAR)
+    image = image.resize((nw, nh), RESAMPLE[resample])
     if center_crop:
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
     else:
@@ -109,7 +122,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __init__(self, dataset, args, tokenizer, load_pixels: bool = True):
         self.dataset, self.args, self.tokenizer, self.load_pixels = dataset, args, tokenizer, load_pixels
-        self.captions = [str(c) for c in dataset[args.caption_column]]
+        self.captions = ["" if c is None else str(c) for c in dataset[args.caption_column]]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -122,7 +135,10 @@ class TrainImages(torch.utils.data.Dataset):
         image = load_image(source, name=name, background=self.args.background_rgb).image
         rng = augmentation(self.args.seed, epoch, index)
         rng.random()  # the flip draw, so crop offsets are the same whether or not flips are on
-        return to_tensor(resize_and_crop(image, self.args.resolution, self.args.center_crop, rng), flip)
+        square = resize_and_crop(
+            image, self.args.resolution, self.args.center_crop, rng, self.args.image_interpolation_mode
+        )
+        return to_tensor(square, flip)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
@@ -186,3 +202,46 @@ def plan_steps(n: int, args, rank: int, world: int, total_steps: int) -> list[St
                 break
         epoch += 1
     return steps
+
+
+def check_images(images: TrainImages) -> list[str]:
+    """Decode every training image once, before any step: all unusable files are named together
+    (not one crash mid-run), and the warnings users need are returned as lines."""
+    from .images import ImageReport, InvalidImageError
+
+    args, problems, report, small = images.args, [], ImageReport(), 0
+    for index in range(len(images)):
+        source, name = image_source(images.dataset[index][args.image_column])
+        try:
+            loaded = load_image(source, name=name, background=args.background_rgb)
+        except InvalidImageError as e:
+            problems.append(str(e))
+            continue
+        report.add(loaded)
+        small += min(loaded.image.size) < args.resolution
+    if problems:
+        for line in problems:
+            print(f"invalid: {line}", file=sys.stderr)
+        raise UserError(
+            f"{len(problems)} training images cannot be used (listed above); fix or remove them, "
+            "or rebuild the dataset with create_dataset.py --skip_invalid"
+        )
+    warnings = []
+    if small:
+        warnings.append(
+            f"{small} of {len(images)} images are smaller than {args.resolution} px and will be upscaled"
+        )
+    if report.counts:
+        warnings.append(report.summary())
+    empty = sum(not c.strip() for c in images.captions)
+    if empty:
+        warnings.append(f"{empty} captions are empty; those images train as unconditional examples")
+    tokenizer = images.tokenizer
+    limit = tokenizer.model_max_length
+    long = [c for c in images.captions if len(tokenizer(c).input_ids) > limit]
+    if long:
+        warnings.append(
+            f"{len(long)} captions are longer than {limit} tokens; the text encoder sees only their first "
+            f"{limit} tokens (start and end tokens included), e.g. {long[0][:80]!r}"
+        )
+    return warnings
