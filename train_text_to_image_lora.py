@@ -303,39 +303,29 @@ def load_data(args, accelerator, base):
 
 def build_caches(args, accelerator, base, dataset, images, weight_dtype):
     """Latent and text-embedding caches where they are valid (see sdlora.cache)."""
-    from sdlora.cache import LatentCache, TextCache, cache_key, module_fingerprint
+    from sdlora.cache import LatentCache, TextCache, latent_cache_key, text_cache_key
     from sdlora.data import has_crop_slack
     from sdlora.training import encode_prompts
 
-    cache_root = Path(args.latents_cache_dir or Path(args.output_dir) / "cache")
+    root = (
+        Path(args.latents_cache_dir or Path(args.output_dir) / "cache")
+        if args.cache_latents_to_disk
+        else None
+    )
     latent_cache = text_cache = None
     if args.cache_latents is not False:
-        random_crops = not args.center_crop and has_crop_slack(dataset, args.image_column)
-        if random_crops:
+        if not args.center_crop and has_crop_slack(dataset, args.image_column):
             (logger.warning if args.cache_latents else logger.info)(
                 "latents not cached: random crops of non-square images differ every epoch (pass --center_crop to cache)"
             )
         else:
-            key = cache_key(
-                dataset=dataset._fingerprint,
-                vae=module_fingerprint(base.vae),
-                resolution=args.resolution,
-                center_crop=args.center_crop,
-                flip=args.random_flip,
-                dtype=str(weight_dtype),
-                interpolation=args.image_interpolation_mode,
-                background=args.background_rgb,
-            )
-            folder = cache_root / f"latents-{key}" if args.cache_latents_to_disk else None
+            key = latent_cache_key(dataset._fingerprint, base.vae, args, weight_dtype)
+            folder = root / f"latents-{key}" if root else None
             latent_cache = LatentCache.build(images, base.vae, args, accelerator.device, weight_dtype, folder)
-            base.vae.to("cpu")  # no longer needed on the accelerator until validation
+            base.vae.to("cpu")  # not needed on the accelerator again until validation
     if args.cache_text_embeddings:
-        key = cache_key(
-            dataset=dataset._fingerprint,
-            text_encoder=module_fingerprint(base.text_encoder),
-            dtype=str(weight_dtype),
-        )
-        folder = cache_root / f"text-{key}" if args.cache_latents_to_disk else None
+        key = text_cache_key(dataset._fingerprint, base.text_encoder, base.tokenizer, weight_dtype)
+        folder = root / f"text-{key}" if root else None
         encode = functools.partial(
             encode_prompts, base.tokenizer, base.text_encoder, device=accelerator.device
         )

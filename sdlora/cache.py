@@ -32,6 +32,33 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def latent_cache_key(dataset_fingerprint: str, vae: torch.nn.Module, args, dtype: torch.dtype) -> str:
+    """Everything the cached latents depend on: data, VAE weights and every preprocessing setting."""
+    return cache_key(
+        dataset=dataset_fingerprint,
+        vae=module_fingerprint(vae),
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        flip=args.random_flip,
+        interpolation=args.image_interpolation_mode,
+        background=args.background_rgb,
+        dtype=str(dtype),
+    )
+
+
+def text_cache_key(
+    dataset_fingerprint: str, text_encoder: torch.nn.Module, tokenizer, dtype: torch.dtype
+) -> str:
+    """Everything the cached text embeddings depend on: captions, encoder weights and tokenizer."""
+    return cache_key(
+        dataset=dataset_fingerprint,
+        text_encoder=module_fingerprint(text_encoder),
+        vocab=len(tokenizer),
+        max_length=tokenizer.model_max_length,
+        dtype=str(dtype),
+    )
+
+
 def _load(path: Path | None) -> dict[str, torch.Tensor] | None:
     if path is None or not (path / "cache.safetensors").is_file():
         return None
