@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from .captions import read_validation_prompts
+from .errors import UserError
+from .lora_files import LoadedLora, find_lora_file, load_lora, read_lora_file
+from .models import resolve_model
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
@@ -70,3 +78,173 @@ def save_images(images: list[Image.Image], folder: Path, stem: str = "image") ->
         image.save(path)
         paths.append(path)
     return paths
+
+
+# --- Inference: shared by inference.ipynb and `python -m sdlora.generate` ---------------------------
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+GENERATIONS_LOG = "generations.jsonl"
+
+
+def pick_device(
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """CUDA in float16 when a GPU is there, otherwise the CPU in float32; either can be overridden."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device {device!r}: not a device name; use cuda, cuda:1, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device}: CUDA is not available on this machine; use cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif not isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype {dtype!r}: unknown; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return device, dtype
+
+
+def read_prompts(prompts: str | Path | list[str]) -> list[str]:
+    """Prompts from strings and/or prompts files (one prompt per line; a .txt name must be a file)."""
+    items = [prompts] if isinstance(prompts, (str, Path)) else list(prompts)
+    found: list[str] = []
+    for item in items:
+        text = str(item)
+        if os.path.isfile(text) or text.endswith(".txt"):  # isfile: False, not an error, for long prompts
+            found.extend(read_validation_prompts(text))
+        elif text.strip():
+            found.append(text.strip())
+    if not found:
+        raise UserError("no prompts given; pass one or more prompts or a prompts file")
+    return found
+
+
+def check_generation_settings(
+    num_images: int, num_inference_steps: int, height: int | None, width: int | None
+) -> None:
+    """UserError for settings the pipeline would reject only after the model has loaded."""
+    if num_images < 1:
+        raise UserError(f"num_images {num_images}: must be at least 1")
+    if num_inference_steps < 1:
+        raise UserError(f"num_inference_steps {num_inference_steps}: must be at least 1")
+    for name, size in (("height", height), ("width", width)):
+        # The VAE downsamples by 8: the UNet works on (H/8, W/8) latents.
+        if size is not None and (size < 8 or size % 8):
+            raise UserError(
+                f"{name} {size}: must be a positive multiple of 8 (or None for the model's native size)"
+            )
+
+
+def load_pipeline(
+    base_model: str | None,
+    lora_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """The base model's StableDiffusionPipeline on `device`, with the LoRA at lora_path loaded if given.
+
+    Returns (pipe, lora): lora is a lora_files.LoadedLora, or None without lora_path. The LoRA file is
+    read and checked before the model loads, so a wrong path fails in a second, not after a download.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    model = resolve_model(base_model)
+    device, dtype = pick_device(device, dtype)
+    lora_file = read_lora_file(find_lora_file(lora_path)) if lora_path else None
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as e:  # ValueError: a missing local path is taken for a bad Hub id
+        if Path(model).is_absolute() or model.startswith((".", "~")):
+            raise UserError(f"{model}: no such model folder; check the path") from None
+        raise UserError(
+            f"{model}: cannot load the model ({str(e).splitlines()[0]}); check the id or path"
+        ) from None
+    lora = load_lora(pipe, lora_file.path, lora_file) if lora_file else None
+    pipe.set_progress_bar_config(disable=True)
+    if (
+        pipe.dtype != dtype
+    ):  # diffusers before the torch_dtype -> dtype rename ignore `dtype` (with a warning)
+        pipe.to(dtype=dtype)
+    return pipe.to(device), lora
+
+
+@dataclass
+class Generated:
+    prompt: str
+    images: list[Image.Image]
+    paths: list[Path]
+
+
+def generate_at_scales(pipe, prompt: str, scales: list[float], seed: int = 0, **kwargs) -> list[Image.Image]:
+    """One image per LoRA scale, all from the same prompt and seed (scale 0 is the base model alone)."""
+    return [generate(pipe, prompt, num_images=1, seed=seed, lora_scale=s, **kwargs)[0] for s in scales]
+
+
+def generate_and_save(
+    pipe,
+    prompts: list[str],
+    output_dir: str | Path,
+    negative_prompt: str | None = None,
+    num_images: int = 4,
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    lora: LoadedLora | None = None,
+    lora_scale: float = 1.0,
+) -> list[Generated]:
+    """Generate num_images per prompt into <output_dir>/<prompt-slug>/image_<i>.png, never overwriting.
+
+    `lora` (from load_pipeline) turns lora_scale on; each prompt's settings are appended as one JSON
+    line to <output_dir>/generations.jsonl, so every image can be traced to its LoRA, scale and seed.
+    """
+    check_generation_settings(num_images, num_inference_steps, height, width)
+    output_dir = Path(output_dir)
+    settings = {
+        "negative_prompt": negative_prompt or None,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+    }
+    results = []
+    for prompt in prompts:
+        images = generate(
+            pipe,
+            prompt,
+            num_images=num_images,
+            seed=seed,
+            lora_scale=lora_scale if lora else None,
+            **settings,
+        )
+        paths = save_images(images, output_dir / slugify(prompt))
+        record = {
+            "prompt": prompt,
+            "files": [p.relative_to(output_dir).as_posix() for p in paths],
+            "seeds": [seed + i for i in range(num_images)],
+            "base_model": pipe.name_or_path,
+            "lora": str(lora.path) if lora else None,
+            "lora_format": lora.format if lora else None,
+            "lora_scale": lora_scale if lora else None,
+            **settings,
+            "size": list(images[0].size),
+            "device": str(pipe.device),
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+        }
+        with open(output_dir / GENERATIONS_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        results.append(Generated(prompt, images, paths))
+    return results
