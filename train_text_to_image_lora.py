@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
-import math
-import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -225,73 +223,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     return args
 
 
-def set_up(args):
-    """Accelerator, logging and the checks that must fail before any model is loaded."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    from sdlora.images import parse_color
-    from sdlora.training import check_8bit_adam, weight_dtype_for
-
-    output_dir = Path(args.output_dir)
-    report_to = None if args.report_to == "none" else args.report_to
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if accelerator.is_main_process else logging.ERROR,
-    )
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision, accelerator.device)
-    args.mixed_precision = accelerator.mixed_precision  # recorded in args.json and the model card
-    if args.use_8bit_adam:
-        check_8bit_adam()
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise UserError(
-                "--enable_xformers_memory_efficient_attention: xformers is not installed; drop the flag (PyTorch's SDPA is used)"
-            ) from None
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    args.background_rgb = parse_color(args.background)
-    return accelerator, weight_dtype
-
-
-def load_model(args, accelerator, weight_dtype):
-    """Frozen base model in the half type (if any), LoRA adapter in fp32 on the UNet."""
-    from sdlora.lora import add_lora, lora_parameters
-    from sdlora.models import load_base_model, native_resolution, resolve_model
-
-    args.pretrained_model_name_or_path = resolve_model(args.pretrained_model_name_or_path)
-    base = load_base_model(args.pretrained_model_name_or_path, args.revision, args.variant)
-    args.resolution = args.resolution or native_resolution(args.pretrained_model_name_or_path, args.revision)
-    if args.prediction_type:
-        base.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    for module in (base.unet, base.vae, base.text_encoder):
-        # (a dtype argument, even float32, makes diffusers warn about casting; pass it only when casting)
-        module.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
-    torch.manual_seed(args.seed)  # the adapter's initial weights
-    add_lora(base.unet, args.rank, args.lora_alpha)
-    for param in lora_parameters(base.unet):
-        param.data = param.data.float()  # fp32 LoRA weights (and so fp32 optimizer state) under any precision
-    if args.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        base.unet.enable_xformers_memory_efficient_attention()
-    if args.channels_last:
-        base.unet.to(memory_format=torch.channels_last)
-    return base
-
-
-def load_data(args, accelerator, base):
-    """The dataset and the per-example view of it the trainer draws batches from."""
+def load_data(args, base):
+    """The dataset and the per-example view of it the trainer draws batches from; every image checked."""
     from sdlora.data import TrainImages, check_images, load_train_dataset
 
     dataset = load_train_dataset(args)
@@ -301,165 +234,73 @@ def load_data(args, accelerator, base):
     return dataset, images
 
 
-def build_caches(args, accelerator, base, dataset, images, weight_dtype):
-    """Latent and text-embedding caches where they are valid (see sdlora.cache)."""
-    from sdlora.cache import LatentCache, TextCache, latent_cache_key, text_cache_key
-    from sdlora.data import has_crop_slack
-    from sdlora.training import encode_prompts
+@dataclass
+class Run:
+    """What the training loop updates, saves and resumes."""
 
-    root = (
-        Path(args.latents_cache_dir or Path(args.output_dir) / "cache")
-        if args.cache_latents_to_disk
-        else None
-    )
-    latent_cache = text_cache = None
-    if args.cache_latents is not False:
-        if not args.center_crop and has_crop_slack(dataset, args.image_column):
-            (logger.warning if args.cache_latents else logger.info)(
-                "latents not cached: random crops of non-square images differ every epoch (pass --center_crop to cache)"
-            )
-        else:
-            key = latent_cache_key(dataset._fingerprint, base.vae, args, weight_dtype)
-            folder = root / f"latents-{key}" if root else None
-            latent_cache = LatentCache.build(images, base.vae, args, accelerator.device, weight_dtype, folder)
-            base.vae.to("cpu")  # not needed on the accelerator again until validation
-    if args.cache_text_embeddings:
-        key = text_cache_key(dataset._fingerprint, base.text_encoder, base.tokenizer, weight_dtype)
-        folder = root / f"text-{key}" if root else None
-        encode = functools.partial(
-            encode_prompts, base.tokenizer, base.text_encoder, device=accelerator.device
-        )
-        text_cache = TextCache.build(images.captions, encode, args, folder)
-    return latent_cache, text_cache
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    noise_scheduler: object
+    conditioning: object
+    compat: dict
+    first_step: int = 0
+    last_checkpoint: Path | None = None  # the resume source, then each checkpoint saved
 
 
-def plan_training(args, accelerator, n_examples: int):
-    """Total steps and every step's batches, like the diffusers example's epoch/step arithmetic."""
-    from sdlora.data import plan_steps, steps_per_epoch
-
-    per_epoch = steps_per_epoch(
-        n_examples, args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
-    )
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / per_epoch)
-    if args.scale_lr:
-        args.learning_rate *= (
-            args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
-    return plan_steps(
-        n_examples, args, accelerator.process_index, accelerator.num_processes, args.max_train_steps
-    )
-
-
-def make_optimization(args, accelerator, base):
-    from sdlora.lora import lora_parameters
-    from sdlora.training import make_lr_scheduler, make_optimizer
-
-    optimizer = make_optimizer(lora_parameters(base.unet), args, accelerator.device)
-    lr_scheduler = make_lr_scheduler(optimizer, args, args.max_train_steps)
-    unet, optimizer = accelerator.prepare(base.unet, optimizer)
-    if args.torch_compile:
-        unet = torch.compile(unet)
-    return unet, optimizer, lr_scheduler
-
-
-def compat_settings(args, accelerator, dataset) -> dict:
-    """The settings a resumed run must share with its checkpoint to continue the same run."""
-    return {
-        "base_model": args.pretrained_model_name_or_path,
-        "rank": args.rank,
-        "lora_alpha": args.lora_alpha,
-        "dataset": dataset._fingerprint,
-        "examples": len(dataset),
-        "resolution": args.resolution,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": accelerator.num_processes,
-        "seed": args.seed,
-    }
-
-
-def maybe_resume(args, accelerator, unet, optimizer, lr_scheduler, compat) -> tuple[int, Path | None]:
-    """Restore the checkpoint named by --resume_from_checkpoint; return (steps done, its folder)."""
-    from sdlora.checkpoints import check_compatible, load_checkpoint, read_state, resolve_resume
-
-    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if path is None:
-        if args.resume_from_checkpoint:
-            logger.info("no checkpoint in %s yet; starting a new run", args.output_dir)
-        return 0, None
-    check_compatible(
-        read_state(path)["compat"], compat, path, args.force_resume
-    )  # before loading mismatched weights
-    saved = load_checkpoint(path, accelerator.unwrap_model(unet), optimizer, lr_scheduler, accelerator.scaler)
-    logger.info("resumed from %s at step %d", path, saved["global_step"])
-    return saved["global_step"], path
-
-
-def validation_prompts(args) -> tuple[list[str], list[str] | None]:
-    from sdlora.captions import read_validation_prompts
-
-    prompts = [args.validation_prompt] if args.validation_prompt else []
-    if args.validation_prompts_dir:
-        prompts = read_validation_prompts(args.validation_prompts_dir)
-    negatives = None
-    if args.validation_negative_prompts_dir:
-        negatives = read_validation_prompts(args.validation_negative_prompts_dir)
-        negatives = (negatives * len(prompts))[: len(prompts)]
-    return prompts, negatives
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-
-def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
-    step = int(bad_step.item())
-    if step >= 0:
-        where = (
-            f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
-        )
-        raise UserError(
-            f"loss became NaN or infinite at step {step}; nothing more was saved ({where}); "
-            "lower --learning_rate or use --mixed_precision bf16/no"
-        )
-
-
-def train(
-    args,
-    accelerator,
-    base,
-    unet,
-    optimizer,
-    lr_scheduler,
-    steps,
-    images,
-    conditioning,
-    compat,
-    first_step,
-    resumed_from,
-    validate,
-    clock,
-):
-    """The training loop: each step's micro-batches, then clip, update, log, checkpoint, validate."""
-    from tqdm.auto import tqdm
-
-    from sdlora.checkpoints import prune_checkpoints, save_checkpoint
-    from sdlora.data import collate
-    from sdlora.faults import maybe_kill
+def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
+    """One optimizer step over the step's micro-batches; returns the summed loss, still on the device."""
     from sdlora.training import diffusion_loss, step_generator
 
-    output_dir = Path(args.output_dir)
-    todo = steps[first_step:]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for micro in range(len(step.micro_batches)):
+        batch = next(batches)
+        gen = step_generator(args.seed, step.number, micro, accelerator.process_index, accelerator.device)
+        latents, text = run.conditioning.latents(batch, gen), run.conditioning.text(batch)
+        last = micro == len(step.micro_batches) - 1  # gradients are all-reduced on the last micro-batch only
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.unet), accelerator.autocast():
+            loss = diffusion_loss(run.unet, latents, text, run.noise_scheduler, args, gen)
+            accelerator.backward(loss / len(step.micro_batches))
+        loss_sum += loss.detach() / len(step.micro_batches)
+    accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def save_checkpoint_now(args, accelerator, run: Run, step: int, resumed_from: Path | None) -> None:
+    """checkpoint-<step> from the main process, then prune (never the checkpoint this run resumed from)."""
+    from sdlora.checkpoints import prune_checkpoints, save_checkpoint
+
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        model = accelerator.unwrap_model(run.unet)
+        run.last_checkpoint = save_checkpoint(
+            output_dir, step, model, run.optimizer, run.lr_scheduler, accelerator.scaler, run.compat
+        )
+        prune_checkpoints(output_dir, args.checkpoints_total_limit, protect=resumed_from)
+        logger.info("saved %s", run.last_checkpoint)
+    accelerator.wait_for_everyone()
+
+
+def validation_due(args, step) -> bool:
+    if step.number == args.max_train_steps:
+        return False  # the final validation runs on the saved file instead
+    if args.validation_steps:
+        return step.number % args.validation_steps == 0
+    return step.last_of_epoch and (step.epoch + 1) % args.validation_epochs == 0
+
+
+def train(args, accelerator, run: Run, steps, images, validate, clock) -> None:
+    """The loop: each step, then log, checkpoint, stop on request, validate."""
+    from tqdm.auto import tqdm
+
+    from sdlora.data import collate
+    from sdlora.faults import maybe_kill
+    from sdlora.training import StopRequest, check_finite
+
+    todo = steps[run.first_step :]
     loader = torch.utils.data.DataLoader(
         images,
         batch_sampler=[mb for s in todo for mb in s.micro_batches],
@@ -467,152 +308,41 @@ def train(
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    batches = iter(loader)
-    stop = StopRequest()
-    bad_step = torch.full((), -1, device=accelerator.device)
-    last_checkpoint = resumed_from
+    batches, stop, resumed_from = iter(loader), StopRequest(), run.last_checkpoint
+    bad_step = torch.full((), -1, device=accelerator.device)  # first non-finite step, kept on the device
     bar = tqdm(
         total=args.max_train_steps,
-        initial=first_step,
+        initial=run.first_step,
         desc="steps",
         disable=not accelerator.is_local_main_process,
     )
-    unet.train()
+    run.unet.train()
     for step in todo:
         with clock.phase("train"):
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for micro, _ in enumerate(step.micro_batches):
-                batch = next(batches)
-                gen = step_generator(
-                    args.seed, step.number, micro, accelerator.process_index, accelerator.device
-                )
-                latents, text = conditioning.latents(batch, gen), conditioning.text(batch)
-                sync = micro == len(step.micro_batches) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
-                    loss = diffusion_loss(unet, latents, text, base.noise_scheduler, args, gen) / len(
-                        step.micro_batches
-                    )
-                    accelerator.backward(loss)
-                loss_sum += loss.detach()
-            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step.number, bad_step)
+            loss = train_step(args, accelerator, run, step, batches)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step.number, bad_step)
         maybe_kill("step", step.number)  # tests only: a real SIGKILL at a chosen step
         bar.update(1)
         if step.number % args.logging_steps == 0 or step.number == args.max_train_steps:
-            check_finite(bad_step, last_checkpoint)
-            logs = {"loss": accelerator.reduce(loss_sum, "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            check_finite(bad_step, run.last_checkpoint)
+            logs = {"loss": accelerator.reduce(loss, "mean").item(), "lr": run.lr_scheduler.get_last_lr()[0]}
             bar.set_postfix(step=step.number, **logs)
             accelerator.log(logs, step=step.number)
-        stopping = stop.signal is not None
-        if step.number % args.checkpointing_steps == 0 or stopping:
-            check_finite(bad_step, last_checkpoint)
-            if accelerator.is_main_process:
-                with clock.phase("save"):
-                    last_checkpoint = save_checkpoint(
-                        output_dir,
-                        step.number,
-                        accelerator.unwrap_model(unet),
-                        optimizer,
-                        lr_scheduler,
-                        accelerator.scaler,
-                        compat,
-                    )
-                    prune_checkpoints(output_dir, args.checkpoints_total_limit, protect=resumed_from)
-                logger.info("saved %s", last_checkpoint)
-            accelerator.wait_for_everyone()
-        if stopping:
+        if step.number % args.checkpointing_steps == 0 or stop.signal is not None:
+            check_finite(bad_step, run.last_checkpoint)
+            with clock.phase("save"):
+                save_checkpoint_now(args, accelerator, run, step.number, resumed_from)
+        if stop.signal is not None:
             raise UserError(
                 f"stopped by signal {stop.signal} after step {step.number}; "
-                f"resume with --resume_from_checkpoint latest (saved {last_checkpoint})"
+                f"resume with --resume_from_checkpoint latest (saved {run.last_checkpoint})"
             )
-        due = (
-            (step.number % args.validation_steps == 0)
-            if args.validation_steps
-            else (step.last_of_epoch and (step.epoch + 1) % args.validation_epochs == 0)
-        )
-        if due and step.number != args.max_train_steps:
+        if validation_due(args, step):
             with clock.phase("validation"):
                 validate(step.number)
-            unet.train()
+            run.unet.train()
     bar.close()
-    check_finite(bad_step, last_checkpoint)
-
-
-def make_validator(args, accelerator, base, unet, weight_dtype, prompts, negatives):
-    """validate(step): validation images from the in-memory modules, on the main process only."""
-    from sdlora.validation import pipeline_from_modules, run_validation
-
-    def validate(step: int) -> None:
-        if not prompts or not accelerator.is_main_process:
-            return
-        base.vae.to(accelerator.device)
-        pipe = pipeline_from_modules(
-            args.pretrained_model_name_or_path,
-            base,
-            accelerator.unwrap_model(unet),
-            accelerator.device,
-            args.revision,
-        )
-        logger.info(
-            "validation at step %d: %d prompts x %d images", step, len(prompts), args.num_validation_images
-        )
-        run_validation(
-            pipe, prompts, negatives, args, step, Path(args.output_dir), accelerator.trackers, weight_dtype
-        )
-
-    return validate
-
-
-def save_outputs(args, accelerator, unet, dataset_desc, prompts, negatives, weight_dtype) -> None:
-    """Final LoRA weights, a validation pass with the saved file, the model card, the arguments."""
-    from sdlora.generation import slugify
-    from sdlora.lora import save_lora
-    from sdlora.model_card import write_args, write_model_card
-    from sdlora.validation import pipeline_with_saved_lora, run_validation
-
-    if not accelerator.is_main_process:
-        return
-    output_dir = Path(args.output_dir)
-    path = save_lora(accelerator.unwrap_model(unet), output_dir)
-    logger.info("saved %s", path)
-    grid = None
-    if prompts:
-        pipe = pipeline_with_saved_lora(
-            args.pretrained_model_name_or_path,
-            output_dir,
-            weight_dtype,
-            accelerator.device,
-            args.revision,
-            args.variant,
-        )
-        if run_validation(
-            pipe,
-            prompts,
-            negatives,
-            args,
-            args.max_train_steps,
-            output_dir,
-            accelerator.trackers,
-            weight_dtype,
-        ):
-            grid = f"validation/step-{args.max_train_steps}/00-{slugify(prompts[0])}_0.png"
-    write_args(output_dir, args)
-    write_model_card(output_dir, args, dataset_desc, prompts, grid)
-    if args.push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(
-            args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token
-        ).repo_id
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=str(output_dir),
-            token=args.hub_token,
-            ignore_patterns=["checkpoint-*/**", "cache/**", ".*"],
-        )
+    check_finite(bad_step, run.last_checkpoint)
 
 
 def log_banner(args, accelerator, n_examples: int, first_step: int) -> None:
@@ -639,53 +369,51 @@ def log_banner(args, accelerator, n_examples: int, first_step: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    from sdlora.cache import build_caches
+    from sdlora.checkpoints import compat_settings, resume
+    from sdlora.data import plan_training
+    from sdlora.models import load_for_lora_training
+    from sdlora.outputs import save_outputs
     from sdlora.timing import Stopwatch
-    from sdlora.training import Conditioning
+    from sdlora.training import Conditioning, make_accelerator, make_optimization
+    from sdlora.validation import make_validator, validation_prompts
 
     clock = Stopwatch()
-    accelerator, weight_dtype = set_up(args)
+    accelerator, dtype = make_accelerator(args)
+    device = accelerator.device
     prompts, negatives = validation_prompts(args)
     with clock.phase("load"):
-        base = load_model(args, accelerator, weight_dtype)
-        dataset, images = load_data(args, accelerator, base)
+        base = load_for_lora_training(args, device, dtype)
+        dataset, images = load_data(args, base)
     with clock.phase("cache"):
-        latent_cache, text_cache = build_caches(args, accelerator, base, dataset, images, weight_dtype)
+        latent_cache, text_cache = build_caches(args, base, dataset, images, device, dtype)
     images.load_pixels = latent_cache is None
-    conditioning = Conditioning(
-        base, images.captions, latent_cache, text_cache, accelerator.device, weight_dtype
+    steps = plan_training(args, len(images), accelerator.process_index, accelerator.num_processes)
+    unet, optimizer, lr_scheduler = make_optimization(args, accelerator, base.unet)
+    conditioning = Conditioning(base, images.captions, latent_cache, text_cache, device, dtype)
+    run = Run(
+        unet,
+        optimizer,
+        lr_scheduler,
+        base.noise_scheduler,
+        conditioning,
+        compat_settings(args, accelerator.num_processes, dataset),
     )
-    steps = plan_training(args, accelerator, len(images))
-    unet, optimizer, lr_scheduler = make_optimization(args, accelerator, base)
-    compat = compat_settings(args, accelerator, dataset)
-    first_step, resumed_from = maybe_resume(args, accelerator, unet, optimizer, lr_scheduler, compat)
+    run.first_step, run.last_checkpoint = resume(
+        args, accelerator.unwrap_model(unet), optimizer, lr_scheduler, accelerator.scaler, run.compat
+    )
     if accelerator.is_main_process:
         accelerator.init_trackers(
             "text2image-lora",
             config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
         )
-    log_banner(args, accelerator, len(images), first_step)
-    validate = make_validator(args, accelerator, base, unet, weight_dtype, prompts, negatives)
-    train(
-        args,
-        accelerator,
-        base,
-        unet,
-        optimizer,
-        lr_scheduler,
-        steps,
-        images,
-        conditioning,
-        compat,
-        first_step,
-        resumed_from,
-        validate,
-        clock,
-    )
+    log_banner(args, accelerator, len(images), run.first_step)
+    validate = make_validator(args, accelerator, base, unet, dtype, prompts, negatives)
+    train(args, accelerator, run, steps, images, validate, clock)
     accelerator.wait_for_everyone()
-    with clock.phase("save"):
-        save_outputs(
-            args, accelerator, unet, f"{len(images)} image-caption pairs", prompts, negatives, weight_dtype
-        )
+    save_outputs(
+        args, accelerator, unet, f"{len(images)} image-caption pairs", prompts, negatives, dtype, clock
+    )
     accelerator.end_training()
     logger.info(clock.summary())
 

@@ -8,13 +8,17 @@ resolution, crop and flip settings), so a changed setting never reuses a stale c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from .fileio import atomic_directory
+
+logger = logging.getLogger(__name__)
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -140,3 +144,32 @@ class TextCache:
 
     def lookup(self, index: torch.Tensor, device, dtype) -> torch.Tensor:
         return self.embeddings[self.row_of_example[index]].to(device, dtype, non_blocking=True)
+
+
+def build_caches(args, base, dataset, images, device, dtype) -> tuple[LatentCache | None, TextCache | None]:
+    """Latent and text-embedding caches where they are valid; on disk with --cache_latents_to_disk."""
+    from .data import has_crop_slack
+    from .training import encode_prompts
+
+    root = (
+        Path(args.latents_cache_dir or Path(args.output_dir) / "cache")
+        if args.cache_latents_to_disk
+        else None
+    )
+    latent_cache = text_cache = None
+    if args.cache_latents is not False:
+        if not args.center_crop and has_crop_slack(dataset, args.image_column):
+            (logger.warning if args.cache_latents else logger.info)(
+                "latents not cached: random crops of non-square images differ every epoch (pass --center_crop to cache)"
+            )
+        else:
+            key = latent_cache_key(dataset._fingerprint, base.vae, args, dtype)
+            latent_cache = LatentCache.build(
+                images, base.vae, args, device, dtype, root / f"latents-{key}" if root else None
+            )
+            base.vae.to("cpu")  # not needed on the accelerator again until validation
+    if args.cache_text_embeddings:
+        key = text_cache_key(dataset._fingerprint, base.text_encoder, base.tokenizer, dtype)
+        encode = functools.partial(encode_prompts, base.tokenizer, base.text_encoder, device=device)
+        text_cache = TextCache.build(images.captions, encode, args, root / f"text-{key}" if root else None)
+    return latent_cache, text_cache

@@ -10,6 +10,7 @@ into place only when complete, so a crash mid-save leaves the previous checkpoin
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from .faults import maybe_kill
 from .fileio import atomic_directory
 from .lora import LORA_WEIGHT_NAME, load_lora_into_unet, lora_parameters, save_lora
 
+logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STALE_TMP_RE = re.compile(r"^\.checkpoint-\d+\..*\.tmp$")
 STATE_FILE = "training_state.json"
@@ -174,3 +176,33 @@ def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None =
         shutil.rmtree(path)
         removed.append(path)
     return removed
+
+
+def compat_settings(args, num_processes: int, dataset) -> dict:
+    """The settings a resumed run must share with its checkpoint to continue the same run."""
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha,
+        "dataset": dataset._fingerprint,
+        "examples": len(dataset),
+        "resolution": args.resolution,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": num_processes,
+        "seed": args.seed,
+    }
+
+
+def resume(args, unet, optimizer, lr_scheduler, scaler, compat: dict) -> tuple[int, Path | None]:
+    """Restore the checkpoint named by --resume_from_checkpoint; return (steps done, its folder)."""
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        if args.resume_from_checkpoint:
+            logger.info("no checkpoint in %s yet; starting a new run", args.output_dir)
+        return 0, None
+    # Compare settings before loading, so a different rank is named rather than failing on shapes.
+    check_compatible(read_state(path)["compat"], compat, path, args.force_resume)
+    saved = load_checkpoint(path, unet, optimizer, lr_scheduler, scaler)
+    logger.info("resumed from %s at step %d", path, saved["global_step"])
+    return saved["global_step"], path

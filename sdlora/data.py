@@ -245,3 +245,15 @@ def check_images(images: TrainImages) -> list[str]:
             f"{limit} tokens (start and end tokens included), e.g. {long[0][:80]!r}"
         )
     return warnings
+
+
+def plan_training(args, n_examples: int, rank: int, world: int) -> list[Step]:
+    """Total steps (args.max_train_steps, args.num_train_epochs) and every step's batches, with the
+    diffusers example's epoch/step arithmetic; --scale_lr applied here, where the batch size is known."""
+    per_epoch = steps_per_epoch(n_examples, args.train_batch_size, world, args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / per_epoch)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
+    return plan_steps(n_examples, args, rank, world, args.max_train_steps)

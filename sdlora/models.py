@@ -90,3 +90,31 @@ def load_base_model(model: str, revision: str | None = None, variant: str | None
         module.requires_grad_(False)
         module.eval()
     return BaseModel(model, tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+def load_for_lora_training(args, device: torch.device, weight_dtype: torch.dtype) -> BaseModel:
+    """The frozen base model in the half type (if any) on the device, with an fp32 LoRA adapter on the UNet.
+
+    Resolves args.pretrained_model_name_or_path (tiny model by default) and args.resolution (native size).
+    """
+    from .lora import add_lora, lora_parameters
+
+    args.pretrained_model_name_or_path = resolve_model(args.pretrained_model_name_or_path)
+    base = load_base_model(args.pretrained_model_name_or_path, args.revision, args.variant)
+    args.resolution = args.resolution or native_resolution(args.pretrained_model_name_or_path, args.revision)
+    if args.prediction_type:
+        base.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    for module in (base.unet, base.vae, base.text_encoder):
+        # (a dtype argument, even float32, makes diffusers warn about casting; pass it only when casting)
+        module.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+    torch.manual_seed(args.seed)  # the adapter's initial weights
+    add_lora(base.unet, args.rank, args.lora_alpha)
+    for param in lora_parameters(base.unet):
+        param.data = param.data.float()  # fp32 LoRA weights (and so fp32 optimizer state) under any precision
+    if args.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        base.unet.enable_xformers_memory_efficient_attention()
+    if args.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
+    return base

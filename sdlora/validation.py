@@ -88,3 +88,57 @@ def run_validation(
     except Exception as e:  # noqa: BLE001 - reported and training goes on, by design
         logger.error("validation at step %d failed (%s: %s); training continues", step, type(e).__name__, e)
         return False
+
+
+def validation_prompts(args) -> tuple[list[str], list[str] | None]:
+    """Prompts from --validation_prompts_dir (a file) or --validation_prompt; negatives cycled to match."""
+    from .captions import read_validation_prompts
+
+    prompts = [args.validation_prompt] if args.validation_prompt else []
+    if args.validation_prompts_dir:
+        prompts = read_validation_prompts(args.validation_prompts_dir)
+    negatives = None
+    if args.validation_negative_prompts_dir:
+        negatives = read_validation_prompts(args.validation_negative_prompts_dir)
+        negatives = (negatives * len(prompts))[: len(prompts)]
+    return prompts, negatives
+
+
+def make_validator(args, accelerator, base, unet, weight_dtype, prompts, negatives):
+    """validate(step): validation images from the in-memory modules, on the main process only."""
+
+    def validate(step: int) -> None:
+        if not prompts or not accelerator.is_main_process:
+            return
+        base.vae.to(accelerator.device)
+        model = accelerator.unwrap_model(unet)
+        pipe = pipeline_from_modules(
+            args.pretrained_model_name_or_path, base, model, accelerator.device, args.revision
+        )
+        logger.info(
+            "validation at step %d: %d prompts x %d images", step, len(prompts), args.num_validation_images
+        )
+        run_validation(
+            pipe, prompts, negatives, args, step, Path(args.output_dir), accelerator.trackers, weight_dtype
+        )
+
+    return validate
+
+
+def validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype) -> str | None:
+    """The last validation, from the saved file reloaded into a fresh pipeline; returns a sample image path."""
+    if not prompts:
+        return None
+    output_dir = Path(args.output_dir)
+    pipe = pipeline_with_saved_lora(
+        args.pretrained_model_name_or_path,
+        output_dir,
+        weight_dtype,
+        accelerator.device,
+        args.revision,
+        args.variant,
+    )
+    step = args.max_train_steps
+    if run_validation(pipe, prompts, negatives, args, step, output_dir, accelerator.trackers, weight_dtype):
+        return f"validation/step-{step}/00-{slugify(prompts[0])}_0.png"
+    return None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .fileio import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 def write_args(output_dir: Path, args) -> None:
@@ -66,3 +69,32 @@ def write_model_card(output_dir: Path, args, dataset_desc: str, prompts: list[st
     if grid:
         lines += [f"![validation images]({grid})", ""]
     atomic_write_text(output_dir / "README.md", "\n".join(lines))
+
+
+def save_outputs(args, accelerator, unet, dataset_desc: str, prompts, negatives, weight_dtype, clock) -> None:
+    """Final LoRA weights, a validation pass with the saved file, the model card and the arguments
+    (main process only); then the upload with --push_to_hub."""
+    from .lora import save_lora
+    from .validation import validate_saved_lora
+
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    with clock.phase("save"):
+        logger.info("saved %s", save_lora(accelerator.unwrap_model(unet), output_dir))
+    with clock.phase("validation"):
+        grid = validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype)
+    write_args(output_dir, args)
+    write_model_card(output_dir, args, dataset_desc, prompts, grid)
+    if args.push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(
+            args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token
+        ).repo_id
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=str(output_dir),
+            token=args.hub_token,
+            ignore_patterns=["checkpoint-*/**", "cache/**", ".*"],
+        )
