@@ -68,6 +68,7 @@ def _load(path: Path | None) -> dict[str, torch.Tensor] | None:
         return None
     from safetensors.torch import load_file
 
+    logger.info("reusing the cache in %s", path)
     return load_file(str(path / "cache.safetensors"))
 
 
@@ -79,6 +80,7 @@ def _save(path: Path | None, tensors: dict[str, torch.Tensor], meta: dict) -> No
     with atomic_directory(path, overwrite=True) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "cache.safetensors"))
         (tmp / "key.json").write_text(json.dumps(meta, indent=2, default=str))
+    logger.info("cache written to %s", path)
 
 
 class LatentCache:

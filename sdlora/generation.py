@@ -150,6 +150,8 @@ def load_pipeline(
     lora_path: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ):
     """The base model's StableDiffusionPipeline on `device`, with the LoRA at lora_path loaded if given.
 
@@ -163,7 +165,12 @@ def load_pipeline(
     lora_file = read_lora_file(find_lora_file(lora_path)) if lora_path else None
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            model,
+            dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            revision=revision,
+            variant=variant,
         )
     except (OSError, ValueError) as e:  # ValueError: a missing local path is taken for a bad Hub id
         if Path(model).is_absolute() or model.startswith((".", "~")):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .generation import generate, make_grid, slugify
+from .generation import generate, load_pipeline, make_grid, slugify
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +30,6 @@ def pipeline_from_modules(model: str, base, unet, device, revision: str | None =
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def pipeline_with_saved_lora(
-    model: str, lora_dir: Path, dtype: torch.dtype, device, revision=None, variant=None
-):
-    """A fresh pipeline from disk with the saved LoRA file loaded: checks the file users will load."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, safety_checker=None, requires_safety_checker=False, revision=revision, variant=variant
-    )
-    pipe.load_lora_weights(str(lora_dir))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
 def run_validation(
@@ -130,11 +116,12 @@ def validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype) -> 
     if not prompts:
         return None
     output_dir = Path(args.output_dir)
-    pipe = pipeline_with_saved_lora(
+    # The same loader inference uses: the file users will load, checked against the model and reloaded.
+    pipe, _ = load_pipeline(
         args.pretrained_model_name_or_path,
         output_dir,
-        weight_dtype,
         accelerator.device,
+        weight_dtype,
         args.revision,
         args.variant,
     )

@@ -163,3 +163,37 @@ def test_skip_invalid_builds_from_the_rest(sample_data, tiny_model):
     assert result.returncode == 0, result.stderr
     assert "empty file" in result.stderr and "no caption" in result.stderr  # both listed, not just the first
     assert len(datasets.load_from_disk(str(sample_data / "datasets" / "Text2Image_example"))) == 7
+
+
+def test_image_corpus_through_the_builder(tmp_path, tiny_model):
+    """Odd but valid files build, with conversions counted; every invalid file is listed at once."""
+    from image_corpus import invalid, odd_but_valid
+
+    images = tmp_path / "images"
+    odd = odd_but_valid(images)
+    long_caption = " ".join(["a red circle on a blue background"] * 20)
+    captions = {f"images/{name}": ("一只猫 " if name == "gray.png" else "") + name for name in odd}
+    captions["images/cmyk.jpg"] = long_caption
+    (tmp_path / "image_captions.json").write_text(json.dumps(captions, ensure_ascii=False), encoding="utf-8")
+    result = run_create(tmp_path, "--resolution", "128", tiny_model=tiny_model)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(odd)} images" in result.stdout
+    assert "smaller than 128" in result.stdout and "longer than 77 tokens" in result.stdout
+    assert (
+        "transparency" in result.stdout and "animated" in result.stdout and "rotated upright" in result.stdout
+    )
+    ds = datasets.load_from_disk(str(tmp_path / "datasets" / "Text2Image_example"))
+    assert "一只猫 gray.png" in ds["text"]  # non-ASCII captions pass through intact
+    assert all(row["image"].mode == "RGB" for row in ds)
+    rotated = next(row["image"] for row in ds if row["text"] == "exif_rotated.jpg")
+    assert rotated.size == (64, 80)  # stored upright
+
+    bad = invalid(images)
+    for name in bad:
+        captions[f"images/{name}"] = name
+    (tmp_path / "image_captions.json").write_text(json.dumps(captions), encoding="utf-8")
+    result = run_create(tmp_path, "--dataset_name", "with_bad", tiny_model=tiny_model)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for name in bad:
+        assert name in result.stderr
+    assert not (tmp_path / "datasets" / "with_bad").exists()

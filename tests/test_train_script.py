@@ -175,3 +175,47 @@ def test_fp16_on_cpu_is_refused_with_a_remedy(tmp_path, tiny_model, tiny_dataset
     )
     assert result.returncode != 0
     assert "use --mixed_precision bf16 or no" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_disk_cache_is_reused_across_runs_and_never_for_other_settings(tmp_path, tiny_model, tiny_dataset):
+    cache = tmp_path / "cache"
+    common = (
+        "--max_train_steps",
+        "2",
+        "--center_crop",
+        "--cache_latents_to_disk",
+        "--latents_cache_dir",
+        str(cache),
+    )
+    first = run_script(train_command(tiny_model, tiny_dataset, tmp_path / "a", *common))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "cache written to" in first.stderr and "reusing the cache" not in first.stderr
+    again = run_script(train_command(tiny_model, tiny_dataset, tmp_path / "b", *common))
+    assert again.stderr.count("reusing the cache") == 2  # latents and text embeddings
+    bigger = run_script(
+        train_command(tiny_model, tiny_dataset, tmp_path / "c", *common, "--resolution", "128")
+    )
+    assert bigger.returncode == 0, bigger.stderr[-2000:]
+    assert bigger.stderr.count("reusing the cache") == 1  # the text cache still fits; the latents do not
+    assert len(list(cache.glob("latents-*"))) == 2 and len(list(cache.glob("text-*"))) == 1
+
+
+def test_a_failing_validation_is_reported_and_training_goes_on(tmp_path, tiny_model, tiny_dataset, repo):
+    result = run_script(
+        train_command(
+            tiny_model,
+            tiny_dataset,
+            tmp_path / "out",
+            "--max_train_steps",
+            "8",
+            "--validation_steps",
+            "4",
+            "--validation_prompts_dir",
+            str(repo / "validation_prompts.txt"),
+            "--validation_num_inference_steps",
+            "0",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validation at step 4 failed" in result.stderr and "training continues" in result.stderr
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

@@ -82,3 +82,8 @@ def test_fp16_is_refused_on_cpu_only():
     assert weight_dtype_for("fp16", torch.device("cuda")) == torch.float16
     assert weight_dtype_for("bf16", torch.device("cpu")) == torch.bfloat16
     assert weight_dtype_for("no", torch.device("cpu")) == torch.float32
+
+
+def test_attention_takes_pytorch_sdpa_path(unet):
+    # AttnProcessor2_0 is diffusers' processor that calls F.scaled_dot_product_attention.
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}

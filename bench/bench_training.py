@@ -1,0 +1,283 @@
+"""Training-step benchmark: the trainer's fast path against its own plain path, side by side.
+
+    python bench/bench_training.py --suite tiny          # seconds: the built-in tiny model
+    python bench/bench_training.py --suite cpu           # tiny + SD 1.5 architecture at 256 and 512 (about 15 min on 2 cores)
+    python bench/bench_training.py --suite gpu           # on a CUDA machine: SD 1.5 at 512, batch 1 and 8, fp16/bf16, 8-bit Adam, checkpointing
+
+Models are built from configs with random weights (no downloads): the built-in tiny model and the full
+SD 1.5 architecture (UNet 320/640/1280/1280, cross-attention 768; VAE 128/256/512/512; 12-layer CLIP).
+Random weights train at the same speed as real ones.
+
+"plain" is what the diffusers example does on every step: VAE-encode the pixels and run the text
+encoder, then the UNet forward and backward and the optimizer step. "cached" is the trainer's default:
+latents and text embeddings come from the caches (sdlora.cache), so a step is the UNet and the
+optimizer only. Both go through the trainer's own code (sdlora.training.Conditioning, diffusion_loss,
+make_optimizer, sdlora.lora.add_lora). Each configuration runs in its own process, so its peak memory
+(RSS on CPU, torch.cuda.max_memory_allocated on GPU) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_sd15(seed: int = 0):
+    """The Stable Diffusion 1.5 architecture from configs, random weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdlora.tiny_model import build_tiny_pipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    tokenizer = build_tiny_pipeline().tokenizer  # token ids only; the tiny vocabulary is a subset of CLIP's size
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def build_tiny():
+    from diffusers import DDPMScheduler
+
+    from sdlora.tiny_model import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def attention_processors(unet) -> set[str]:
+    return {type(p).__name__ for p in unet.attn_processors.values()}
+
+
+def run_one(cfg: dict) -> dict:
+    """Build the model, then time cfg['steps'] training steps after a warm-up step that counts FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdlora.cache import LatentCache, TextCache
+    from sdlora.lora import add_lora, lora_parameters
+    from sdlora.models import BaseModel
+    from sdlora.training import (
+        Conditioning,
+        allow_fast_fp32_math,
+        diffusion_loss,
+        encode_prompts,
+        make_optimizer,
+        step_generator,
+    )
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[cfg["precision"]]
+    torch.set_num_threads(os.cpu_count() or 1)
+    if cfg["tf32"]:
+        allow_fast_fp32_math()  # the trainer's --allow_tf32
+    unet, vae, text_encoder, tokenizer, scheduler = build_sd15() if cfg["model"] == "sd15" else build_tiny()
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.to(device, dtype)
+    torch.manual_seed(0)
+    add_lora(unet, 4, 4)
+    for p in lora_parameters(unet):
+        p.data = p.data.float()
+    if cfg["grad_ckpt"]:
+        unet.enable_gradient_checkpointing()
+    if cfg["channels_last"]:
+        unet.to(memory_format=torch.channels_last)
+    args = SimpleNamespace(learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8,
+                           use_8bit_adam=cfg["adam8bit"], noise_offset=0.0, snr_gamma=None, cache_batch_size=8)
+    optimizer = make_optimizer(lora_parameters(unet), args, device)
+    base = BaseModel("bench", tokenizer, text_encoder, vae, unet, scheduler)
+    b, r = cfg["batch"], cfg["resolution"]
+    pixels = torch.rand(b, 3, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    captions = [f"a photo of a red circle number {i}" for i in range(b)]
+    batch = {"index": torch.arange(b), "flip": torch.zeros(b, dtype=torch.bool), "pixel_values": pixels}
+    latent_cache = text_cache = None
+    t0 = time.perf_counter()
+    if cfg["path"] == "cached":
+        with torch.no_grad():
+            moments = vae.encode(pixels.to(device, dtype)).latent_dist.parameters.float().cpu()
+        latent_cache = LatentCache(moments[:, None], vae.config.scaling_factor)
+        text_cache = TextCache.build(captions, lambda p: encode_prompts(tokenizer, text_encoder, p, device), args, None)
+    cache_s = time.perf_counter() - t0
+    conditioning = Conditioning(base, captions, latent_cache, text_cache, device, dtype)
+    model = torch.compile(unet) if cfg["compile"] else unet
+    scaler = torch.amp.GradScaler("cuda") if cfg["precision"] == "fp16" else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(i: int) -> None:
+        gen = step_generator(0, i, 0, 0, device)
+        latents, text = conditioning.latents(batch, gen), conditioning.text(batch)
+        with autocast:
+            loss = diffusion_loss(model, latents, text, scheduler, args, gen)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(lora_parameters(unet), 1.0)
+        scaler.step(optimizer) if scaler else optimizer.step()
+        if scaler:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    step(0)  # warm-up (and compilation, when compiling)
+    sync()
+    first_s = time.perf_counter() - t0
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(1)  # FLOPs of one whole step, counted on the same code path
+    times = []
+    for i in range(cfg["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        step(2 + i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"s_per_step": statistics.median(times), "first_step_s": first_s, "cache_s": cache_s, "flops_per_step": counter.get_total_flops(),
+            "peak_bytes": peak, "attention": sorted(attention_processors(unet))}
+
+
+def machine_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured peak FLOP/s of a large matrix product in `dtype` (the best of five timings)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / 3)
+    return 2 * n**3 / best
+
+
+def config(model, resolution, path, batch=1, precision="fp32", steps=3, **flags) -> dict:
+    return {"model": model, "resolution": resolution, "path": path, "batch": batch, "precision": precision, "steps": steps,
+            "channels_last": False, "compile": False, "adam8bit": False, "grad_ckpt": False, "tf32": False, **flags}
+
+
+def suite(name: str) -> list[dict]:
+    tiny = [config("tiny", 64, "plain", batch=4, steps=20), config("tiny", 64, "cached", batch=4, steps=20),
+            config("tiny", 64, "cached", batch=4, steps=20, channels_last=True),
+            config("tiny", 64, "cached", batch=4, steps=20, compile=True)]
+    if name == "tiny":
+        return tiny
+    if name == "cpu":
+        rows = list(tiny)
+        for res in (256, 512):
+            rows += [config("sd15", res, "plain"), config("sd15", res, "cached"),
+                     config("sd15", res, "cached", channels_last=True)]
+            if res == 256:  # compiling the SD 1.5 UNet takes minutes on 2 cores; once is enough to see it
+                rows.append(config("sd15", res, "cached", compile=True))
+            rows += [config("sd15", res, "plain", tf32=True), config("sd15", res, "cached", tf32=True),
+                     config("sd15", res, "plain", precision="bf16"), config("sd15", res, "cached", precision="bf16")]
+        return rows
+    if name == "gpu":
+        rows = []
+        for precision in ("fp16", "bf16"):
+            for batch in (1, 8):
+                rows += [config("sd15", 512, "plain", batch, precision, steps=10),
+                         config("sd15", 512, "cached", batch, precision, steps=10),
+                         config("sd15", 512, "cached", batch, precision, steps=10, channels_last=True),
+                         config("sd15", 512, "cached", batch, precision, steps=10, compile=True)]
+            rows += [config("sd15", 512, "cached", 1, precision, steps=10, adam8bit=True),
+                     config("sd15", 512, "cached", 1, precision, steps=10, grad_ckpt=True),
+                     config("sd15", 512, "cached", 1, precision, steps=10, adam8bit=True, grad_ckpt=True)]
+        return rows
+    raise SystemExit(f"unknown suite {name!r}")
+
+
+def label(cfg: dict) -> str:
+    extras = [k for k in ("channels_last", "compile", "adam8bit", "grad_ckpt", "tf32") if cfg[k]]
+    return "+".join([cfg["path"], *extras])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="tiny", choices=["tiny", "cpu", "gpu"], help="which configurations to run")
+    p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one configuration as JSON
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args()
+    if args.run:
+        print("RESULT " + json.dumps(run_one(json.loads(args.run))), flush=True)
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = sorted({c["precision"] for c in suite(args.suite)})
+    peaks = {p: machine_peak_flops(device, DTYPES[p]) for p in precisions}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    measured = ", ".join(f"{p} {v / 1e12:.2f}" for p, v in peaks.items())
+    print(f"# {name}; measured matmul peak TFLOP/s: {measured}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+    print("| model | res | batch | prec | path | s/step | img/s | vs plain | first step s | peak mem GB | TFLOP/img | % of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    results, plain = [], {}
+    for cfg in suite(args.suite):
+        env = dict(os.environ)
+        if cfg["compile"]:  # a fresh inductor cache, so "first step" is the real (cold) compile time
+            env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+        proc = subprocess.run([sys.executable, __file__, "--run", json.dumps(cfg)], capture_output=True, text=True, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"| {cfg['model']} | {cfg['resolution']} | {cfg['batch']} | {cfg['precision']} | {label(cfg)} | failed: "
+                  f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:80]} |||||||")
+            continue
+        r = json.loads(line[len("RESULT "):])
+        # Each row is compared with the plain path at equal precision settings, measured in this same run.
+        key = (cfg["model"], cfg["resolution"], cfg["batch"], cfg["precision"], cfg["tf32"])
+        if cfg["path"] == "plain" and not any(cfg[k] for k in ("channels_last", "compile", "adam8bit", "grad_ckpt")):
+            plain[key] = r["s_per_step"]
+        ratio = f"{plain[key] / r['s_per_step']:.2f}x" if key in plain else "-"
+        achieved = r["flops_per_step"] / r["s_per_step"] / peaks[cfg["precision"]]
+        print(f"| {cfg['model']} | {cfg['resolution']} | {cfg['batch']} | {cfg['precision']} | {label(cfg)} | "
+              f"{r['s_per_step']:.3f} | {cfg['batch'] / r['s_per_step']:.2f} | {ratio} | {r['first_step_s']:.1f} | "
+              f"{r['peak_bytes'] / 2**30:.2f} | {r['flops_per_step'] / cfg['batch'] / 1e12:.3g} | {100 * achieved:.0f}% |", flush=True)
+        results.append({"config": cfg, **r})
+    attention = sorted({a for r in results for a in r["attention"]})
+    print(f"\nattention processors in use: {', '.join(attention)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "peak_flops": peaks, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
