@@ -64,11 +64,23 @@ def build_sd15(seed: int = 0):
         scaling_factor=0.18215,
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
     )
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    tokenizer = build_tiny_pipeline().tokenizer  # token ids only; the tiny vocabulary is a subset of CLIP's size
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    tokenizer = (
+        build_tiny_pipeline().tokenizer
+    )  # token ids only; the tiny vocabulary is a subset of CLIP's size
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
@@ -78,7 +90,13 @@ def build_tiny():
     from sdlora.tiny_model import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
-    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config)
+    return (
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.tokenizer,
+        DDPMScheduler.from_config(pipe.scheduler.config),
+    )
 
 
 def attention_processors(unet) -> set[str]:
@@ -118,8 +136,17 @@ def run_one(cfg: dict) -> dict:
         unet.enable_gradient_checkpointing()
     if cfg["channels_last"]:
         unet.to(memory_format=torch.channels_last)
-    args = SimpleNamespace(learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8,
-                           use_8bit_adam=cfg["adam8bit"], noise_offset=0.0, snr_gamma=None, cache_batch_size=8)
+    args = SimpleNamespace(
+        learning_rate=1e-4,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_weight_decay=1e-2,
+        adam_epsilon=1e-8,
+        use_8bit_adam=cfg["adam8bit"],
+        noise_offset=0.0,
+        snr_gamma=None,
+        cache_batch_size=8,
+    )
     optimizer = make_optimizer(lora_parameters(unet), args, device)
     base = BaseModel("bench", tokenizer, text_encoder, vae, unet, scheduler)
     b, r = cfg["batch"], cfg["resolution"]
@@ -132,7 +159,9 @@ def run_one(cfg: dict) -> dict:
         with torch.no_grad():
             moments = vae.encode(pixels.to(device, dtype)).latent_dist.parameters.float().cpu()
         latent_cache = LatentCache(moments[:, None], vae.config.scaling_factor)
-        text_cache = TextCache.build(captions, lambda p: encode_prompts(tokenizer, text_encoder, p, device), args, None)
+        text_cache = TextCache.build(
+            captions, lambda p: encode_prompts(tokenizer, text_encoder, p, device), args, None
+        )
     cache_s = time.perf_counter() - t0
     conditioning = Conditioning(base, captions, latent_cache, text_cache, device, dtype)
     model = torch.compile(unet) if cfg["compile"] else unet
@@ -171,9 +200,19 @@ def run_one(cfg: dict) -> dict:
         step(2 + i)
         sync()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"s_per_step": statistics.median(times), "first_step_s": first_s, "cache_s": cache_s, "flops_per_step": counter.get_total_flops(),
-            "peak_bytes": peak, "attention": sorted(attention_processors(unet))}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "s_per_step": statistics.median(times),
+        "first_step_s": first_s,
+        "cache_s": cache_s,
+        "flops_per_step": counter.get_total_flops(),
+        "peak_bytes": peak,
+        "attention": sorted(attention_processors(unet)),
+    }
 
 
 def machine_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -194,37 +233,63 @@ def machine_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def config(model, resolution, path, batch=1, precision="fp32", steps=3, **flags) -> dict:
-    return {"model": model, "resolution": resolution, "path": path, "batch": batch, "precision": precision, "steps": steps,
-            "channels_last": False, "compile": False, "adam8bit": False, "grad_ckpt": False, "tf32": False, **flags}
+    return {
+        "model": model,
+        "resolution": resolution,
+        "path": path,
+        "batch": batch,
+        "precision": precision,
+        "steps": steps,
+        "channels_last": False,
+        "compile": False,
+        "adam8bit": False,
+        "grad_ckpt": False,
+        "tf32": False,
+        **flags,
+    }
 
 
 def suite(name: str) -> list[dict]:
-    tiny = [config("tiny", 64, "plain", batch=4, steps=20), config("tiny", 64, "cached", batch=4, steps=20),
-            config("tiny", 64, "cached", batch=4, steps=20, channels_last=True),
-            config("tiny", 64, "cached", batch=4, steps=20, compile=True)]
+    tiny = [
+        config("tiny", 64, "plain", batch=4, steps=20),
+        config("tiny", 64, "cached", batch=4, steps=20),
+        config("tiny", 64, "cached", batch=4, steps=20, channels_last=True),
+        config("tiny", 64, "cached", batch=4, steps=20, compile=True),
+    ]
     if name == "tiny":
         return tiny
     if name == "cpu":
         rows = list(tiny)
         for res in (256, 512):
-            rows += [config("sd15", res, "plain"), config("sd15", res, "cached"),
-                     config("sd15", res, "cached", channels_last=True)]
+            rows += [
+                config("sd15", res, "plain"),
+                config("sd15", res, "cached"),
+                config("sd15", res, "cached", channels_last=True),
+            ]
             if res == 256:  # compiling the SD 1.5 UNet takes minutes on 2 cores; once is enough to see it
                 rows.append(config("sd15", res, "cached", compile=True))
-            rows += [config("sd15", res, "plain", tf32=True), config("sd15", res, "cached", tf32=True),
-                     config("sd15", res, "plain", precision="bf16"), config("sd15", res, "cached", precision="bf16")]
+            rows += [
+                config("sd15", res, "plain", tf32=True),
+                config("sd15", res, "cached", tf32=True),
+                config("sd15", res, "plain", precision="bf16"),
+                config("sd15", res, "cached", precision="bf16"),
+            ]
         return rows
     if name == "gpu":
         rows = []
         for precision in ("fp16", "bf16"):
             for batch in (1, 8):
-                rows += [config("sd15", 512, "plain", batch, precision, steps=10),
-                         config("sd15", 512, "cached", batch, precision, steps=10),
-                         config("sd15", 512, "cached", batch, precision, steps=10, channels_last=True),
-                         config("sd15", 512, "cached", batch, precision, steps=10, compile=True)]
-            rows += [config("sd15", 512, "cached", 1, precision, steps=10, adam8bit=True),
-                     config("sd15", 512, "cached", 1, precision, steps=10, grad_ckpt=True),
-                     config("sd15", 512, "cached", 1, precision, steps=10, adam8bit=True, grad_ckpt=True)]
+                rows += [
+                    config("sd15", 512, "plain", batch, precision, steps=10),
+                    config("sd15", 512, "cached", batch, precision, steps=10),
+                    config("sd15", 512, "cached", batch, precision, steps=10, channels_last=True),
+                    config("sd15", 512, "cached", batch, precision, steps=10, compile=True),
+                ]
+            rows += [
+                config("sd15", 512, "cached", 1, precision, steps=10, adam8bit=True),
+                config("sd15", 512, "cached", 1, precision, steps=10, grad_ckpt=True),
+                config("sd15", 512, "cached", 1, precision, steps=10, adam8bit=True, grad_ckpt=True),
+            ]
         return rows
     raise SystemExit(f"unknown suite {name!r}")
 
@@ -236,7 +301,9 @@ def label(cfg: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="tiny", choices=["tiny", "cpu", "gpu"], help="which configurations to run")
+    p.add_argument(
+        "--suite", default="tiny", choices=["tiny", "cpu", "gpu"], help="which configurations to run"
+    )
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one configuration as JSON
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
@@ -248,35 +315,50 @@ def main() -> None:
     peaks = {p: machine_peak_flops(device, DTYPES[p]) for p in precisions}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     measured = ", ".join(f"{p} {v / 1e12:.2f}" for p, v in peaks.items())
-    print(f"# {name}; measured matmul peak TFLOP/s: {measured}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
-    print("| model | res | batch | prec | path | s/step | img/s | vs plain | first step s | peak mem GB | TFLOP/img | % of peak |")
+    print(
+        f"# {name}; measured matmul peak TFLOP/s: {measured}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        "| model | res | batch | prec | path | s/step | img/s | vs plain | first step s | peak mem GB | TFLOP/img | % of peak |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results, plain = [], {}
     for cfg in suite(args.suite):
         env = dict(os.environ)
         if cfg["compile"]:  # a fresh inductor cache, so "first step" is the real (cold) compile time
             env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
-        proc = subprocess.run([sys.executable, __file__, "--run", json.dumps(cfg)], capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--run", json.dumps(cfg)], capture_output=True, text=True, env=env
+        )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print(f"| {cfg['model']} | {cfg['resolution']} | {cfg['batch']} | {cfg['precision']} | {label(cfg)} | failed: "
-                  f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:80]} |||||||")
+            print(
+                f"| {cfg['model']} | {cfg['resolution']} | {cfg['batch']} | {cfg['precision']} | {label(cfg)} | failed: "
+                f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:80]} |||||||"
+            )
             continue
-        r = json.loads(line[len("RESULT "):])
+        r = json.loads(line[len("RESULT ") :])
         # Each row is compared with the plain path at equal precision settings, measured in this same run.
         key = (cfg["model"], cfg["resolution"], cfg["batch"], cfg["precision"], cfg["tf32"])
-        if cfg["path"] == "plain" and not any(cfg[k] for k in ("channels_last", "compile", "adam8bit", "grad_ckpt")):
+        if cfg["path"] == "plain" and not any(
+            cfg[k] for k in ("channels_last", "compile", "adam8bit", "grad_ckpt")
+        ):
             plain[key] = r["s_per_step"]
         ratio = f"{plain[key] / r['s_per_step']:.2f}x" if key in plain else "-"
         achieved = r["flops_per_step"] / r["s_per_step"] / peaks[cfg["precision"]]
-        print(f"| {cfg['model']} | {cfg['resolution']} | {cfg['batch']} | {cfg['precision']} | {label(cfg)} | "
-              f"{r['s_per_step']:.3f} | {cfg['batch'] / r['s_per_step']:.2f} | {ratio} | {r['first_step_s']:.1f} | "
-              f"{r['peak_bytes'] / 2**30:.2f} | {r['flops_per_step'] / cfg['batch'] / 1e12:.3g} | {100 * achieved:.0f}% |", flush=True)
+        print(
+            f"| {cfg['model']} | {cfg['resolution']} | {cfg['batch']} | {cfg['precision']} | {label(cfg)} | "
+            f"{r['s_per_step']:.3f} | {cfg['batch'] / r['s_per_step']:.2f} | {ratio} | {r['first_step_s']:.1f} | "
+            f"{r['peak_bytes'] / 2**30:.2f} | {r['flops_per_step'] / cfg['batch'] / 1e12:.3g} | {100 * achieved:.0f}% |",
+            flush=True,
+        )
         results.append({"config": cfg, **r})
     attention = sorted({a for r in results for a in r["attention"]})
     print(f"\nattention processors in use: {', '.join(attention)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "peak_flops": peaks, "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": name, "peak_flops": peaks, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

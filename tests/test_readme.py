@@ -29,7 +29,9 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.slow
 def test_readme_main_command_runs_the_whole_workflow_offline(tmp_path):
     # A copy of the project as a new user has it: tracked files only, no tiny model, dataset or outputs yet.
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    )
     for name in files.stdout.splitlines():
         if (REPO / name).is_file():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
