@@ -215,9 +215,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         "checkpointing_steps",
         "logging_steps",
         "cache_batch_size",
+        "validation_epochs",
+        "num_validation_images",
     ):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        p.error("--validation_steps must be at least 1")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     return args
@@ -238,7 +242,8 @@ def load_data(args, base):
 class Run:
     """What the training loop updates, saves and resumes."""
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    params: list[torch.nn.Parameter]  # the LoRA weights: all that is trained, clipped and saved
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     noise_scheduler: object
@@ -262,7 +267,7 @@ def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
             loss = diffusion_loss(run.unet, latents, text, run.noise_scheduler, args, gen)
             accelerator.backward(loss / len(step.micro_batches))
         loss_sum += loss.detach() / len(step.micro_batches)
-    accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
+    accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -372,6 +377,7 @@ def main(args: argparse.Namespace) -> None:
     from sdlora.cache import build_caches
     from sdlora.checkpoints import compat_settings, resume
     from sdlora.data import plan_training
+    from sdlora.lora import lora_parameters
     from sdlora.models import load_for_lora_training
     from sdlora.outputs import save_outputs
     from sdlora.timing import Stopwatch
@@ -393,6 +399,7 @@ def main(args: argparse.Namespace) -> None:
     conditioning = Conditioning(base, images.captions, latent_cache, text_cache, device, dtype)
     run = Run(
         unet,
+        lora_parameters(base.unet),
         optimizer,
         lr_scheduler,
         base.noise_scheduler,

@@ -24,7 +24,7 @@ if [ -z "$MODEL_NAME" ]; then
   OUTPUT_DIR="${OUTPUT_DIR:-output/tiny-lora}"
   LAUNCH="${LAUNCH:---cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}"
   RECIPE="--train_batch_size 4 --max_train_steps 200 --learning_rate 1e-3 --lr_scheduler constant
-    --checkpointing_steps 100 --validation_epochs 25 --num_validation_images 2 --validation_num_inference_steps 20"
+    --checkpointing_steps 100 --validation_epochs 50 --num_validation_images 2 --validation_num_inference_steps 20"
 else
   # The original toolkit's recipe: fp16, 8-bit Adam, batch 1 x accumulation 8, 500 steps at 1e-4.
   OUTPUT_DIR="${OUTPUT_DIR:-output/$(basename "$MODEL_NAME")-lora}"
