@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The same weights under kohya's key names, which AUTOMATIC1111 and ComfyUI load as they are. diffusers'
+# load_lora_weights(folder) still picks LORA_WEIGHT_NAME when both are in a folder.
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 # The UNet's attention projections: what the diffusers example and kohya's default LoRA train.
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -54,6 +57,39 @@ def save_lora(unet: torch.nn.Module, folder: str | Path) -> Path:
         )
         os.replace(Path(tmp) / LORA_WEIGHT_NAME, folder / LORA_WEIGHT_NAME)
     return folder / LORA_WEIGHT_NAME
+
+
+def save_kohya_copy(unet: torch.nn.Module, folder: str | Path) -> Path:
+    """Write folder/pytorch_lora_weights_kohya.safetensors: `lora_unet_<module>.lora_down/lora_up.weight`
+    plus `.alpha` (our lora_alpha, so the strength matches), the format A1111 and ComfyUI read."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    alpha = float(unet.peft_config["default"].lora_alpha)
+    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = {
+        k: torch.tensor(alpha) if k.endswith(".alpha") else v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in convert_state_dict_to_kohya(peft_state).items()  # (it sets every alpha to the rank)
+    }
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kohya-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(
+            kohya,
+            tmp,
+            metadata={
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": str(unet.peft_config["default"].r),
+                "ss_network_alpha": str(alpha),
+            },
+        )
+        os.replace(tmp, folder / KOHYA_WEIGHT_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / KOHYA_WEIGHT_NAME
 
 
 def load_lora_into_unet(unet: torch.nn.Module, file: str | Path) -> None:

@@ -74,14 +74,15 @@ def write_model_card(output_dir: Path, args, dataset_desc: str, prompts: list[st
 def save_outputs(args, accelerator, unet, dataset_desc: str, prompts, negatives, weight_dtype, clock) -> None:
     """Final LoRA weights, a validation pass with the saved file, the model card and the arguments
     (main process only); then the upload with --push_to_hub."""
-    from .lora import save_lora
+    from .lora import save_kohya_copy, save_lora
     from .validation import validate_saved_lora
 
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)
     with clock.phase("save"):
-        logger.info("saved %s", save_lora(accelerator.unwrap_model(unet), output_dir))
+        model = accelerator.unwrap_model(unet)
+        logger.info("saved %s and %s", save_lora(model, output_dir), save_kohya_copy(model, output_dir))
     with clock.phase("validation"):
         grid = validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype)
     write_args(output_dir, args)

@@ -53,6 +53,8 @@ def test_end_to_end_outputs(tmp_path, tiny_model, tiny_dataset, repo):
             "--validation_num_inference_steps",
             "3",
             "--center_crop",
+            "--lora_alpha",
+            "8",
             "--random_flip",
         )
     )
@@ -69,6 +71,19 @@ def test_end_to_end_outputs(tmp_path, tiny_model, tiny_dataset, repo):
     after = pipe("a red circle", **kwargs).images
     assert abs(after - before).max() > 1e-3
 
+    # The kohya/A1111 copy (alpha 8 in the file) gives the same image as the diffusers file.
+    kohya = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    kohya.set_progress_bar_config(disable=True)
+    kohya.load_lora_weights(str(out), weight_name="pytorch_lora_weights_kohya.safetensors")
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    assert abs(kohya("a red circle", **kwargs).images - after).max() < 1e-5
+    assert (
+        load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))[
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"
+        ].item()
+        == 8.0
+    )
+
     # Rotation kept the newest two checkpoints, each with weights in the same loadable format.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]
     assert load_weights(out / "checkpoint-12").keys() == load_weights(out).keys()
@@ -83,7 +98,7 @@ def test_end_to_end_outputs(tmp_path, tiny_model, tiny_dataset, repo):
     assert len(scalars["loss"]) == 12 and len(scalars["lr"]) == 12
     assert any("red-circle" in tag for tag in images) and any("blue-square" in tag for tag in images)
     args = json.loads((out / "args.json").read_text())
-    assert args["rank"] == 4 and args["lora_alpha"] == 4.0 and args["resolution"] == 64
+    assert args["rank"] == 4 and args["lora_alpha"] == 8.0 and args["resolution"] == 64
     assert "load_lora_weights" in (out / "README.md").read_text()
     assert "time: total" in result.stderr
 
