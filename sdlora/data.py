@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +206,7 @@ def plan_steps(n: int, args, rank: int, world: int, total_steps: int) -> list[St
 def check_images(images: TrainImages) -> list[str]:
     """Decode every training image once, before any step: all unusable files are named together
     (not one crash mid-run), and the warnings users need are returned as lines."""
-    from .images import ImageReport, InvalidImageError
+    from .images import ImageReport, InvalidImageError, report_problems
 
     args, problems, report, small = images.args, [], ImageReport(), 0
     for index in range(len(images)):
@@ -219,13 +218,11 @@ def check_images(images: TrainImages) -> list[str]:
             continue
         report.add(loaded)
         small += min(loaded.image.size) < args.resolution
-    if problems:
-        for line in problems:
-            print(f"invalid: {line}", file=sys.stderr)
-        raise UserError(
-            f"{len(problems)} training images cannot be used (listed above); fix or remove them, "
-            "or rebuild the dataset with create_dataset.py --skip_invalid"
-        )
+    report_problems(
+        problems,
+        "training images cannot be used (listed above); fix or remove them, "
+        "or rebuild the dataset with create_dataset.py --skip_invalid",
+    )
     warnings = []
     if small:
         warnings.append(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .captions import read_captions_json, read_metadata_jsonl, read_txt_captions
 from .errors import UserError
 from .fileio import atomic_directory
-from .images import ImageReport, InvalidImageError, find_images, load_image
+from .images import ImageReport, InvalidImageError, find_images, load_image, report_problems
 
 CLIP_MAX_TOKENS = 77
 
@@ -148,14 +147,12 @@ def build_dataset(
             {"bytes": _image_bytes(example.image_path, loaded), "path": example.image_path.name}
         )
         rows["text"].append(example.caption)
-    if problems:
-        for line in problems:
-            print(f"invalid: {line}", file=sys.stderr)
-        if not skip_invalid:
-            raise UserError(
-                f"{len(problems)} problems listed above; fix them, or pass --skip_invalid to build from the rest"
-            )
-        summary.skipped = len(problems)
+    report_problems(
+        problems,
+        "problems listed above; fix them, or pass --skip_invalid to build from the rest",
+        fatal=not skip_invalid,
+    )
+    summary.skipped = len(problems)
     if not rows["image"]:
         raise UserError("no usable image-caption pairs; check --images_dir and --captions_file")
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})

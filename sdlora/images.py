@@ -9,6 +9,7 @@ composited on a background colour, animations reduced to their first frame.
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +55,14 @@ class ImageReport:
         }
         parts = [f"{n} {labels.get(k, k)}" for k, n in sorted(self.counts.items())]
         return "; ".join(parts)
+
+
+def report_problems(problems: list[str], summary: str, fatal: bool = True) -> None:
+    """Print every problem on its own line (all of them, not just the first); if fatal, stop with one error."""
+    for line in problems:
+        print(f"invalid: {line}", file=sys.stderr)
+    if problems and fatal:
+        raise UserError(f"{len(problems)} {summary}")
 
 
 def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_file
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The same weights under kohya's key names, which AUTOMATIC1111 and ComfyUI load as they are. diffusers'
 # load_lora_weights(folder) still picks LORA_WEIGHT_NAME when both are in a folder.
@@ -73,22 +75,13 @@ def save_kohya_copy(unet: torch.nn.Module, folder: str | Path) -> Path:
         k: torch.tensor(alpha) if k.endswith(".alpha") else v.detach().to("cpu", torch.float32).contiguous()
         for k, v in convert_state_dict_to_kohya(peft_state).items()  # (it sets every alpha to the rank)
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kohya-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(
-            kohya,
-            tmp,
-            metadata={
-                "ss_network_module": "networks.lora",
-                "ss_network_dim": str(unet.peft_config["default"].r),
-                "ss_network_alpha": str(alpha),
-            },
-        )
-        os.replace(tmp, folder / KOHYA_WEIGHT_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(unet.peft_config["default"].r),
+        "ss_network_alpha": str(alpha),
+    }  # what kohya's own files carry, shown by A1111
+    with atomic_file(folder / KOHYA_WEIGHT_NAME) as tmp:
+        save_file(kohya, str(tmp), metadata=metadata)
     return folder / KOHYA_WEIGHT_NAME
 
 
