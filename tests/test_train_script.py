@@ -234,3 +234,30 @@ def test_a_failing_validation_is_reported_and_training_goes_on(tmp_path, tiny_mo
     assert result.returncode == 0, result.stderr[-2000:]
     assert "validation at step 4 failed" in result.stderr and "training continues" in result.stderr
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_raising_max_train_steps_and_resuming_extends_a_finished_run(tmp_path, tiny_model, tiny_dataset):
+    common = ("--checkpointing_steps", "4", "--random_flip")
+    straight = run_script(
+        train_command(tiny_model, tiny_dataset, tmp_path / "a", *common, "--max_train_steps", "8")
+    )
+    short = run_script(
+        train_command(tiny_model, tiny_dataset, tmp_path / "b", *common, "--max_train_steps", "4")
+    )
+    assert straight.returncode == 0 and short.returncode == 0, straight.stderr[-2000:] + short.stderr[-2000:]
+    longer = run_script(
+        train_command(
+            tiny_model,
+            tiny_dataset,
+            tmp_path / "b",
+            *common,
+            "--max_train_steps",
+            "8",
+            "--resume_from_checkpoint",
+            "latest",
+        )
+    )
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "resumed from" in longer.stderr and "starting at 4" in longer.stderr
+    a, b = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
