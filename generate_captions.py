@@ -18,7 +18,6 @@ import argparse
 from pathlib import Path
 
 from sdlora.captioning import (
-    DTYPES,
     PROMPT_KINDS,
     Captioner,
     CaptionOutput,
@@ -29,6 +28,7 @@ from sdlora.captioning import (
     open_caption_output,
 )
 from sdlora.captions import CAPTION_FORMATS
+from sdlora.devices import DTYPES
 from sdlora.errors import UserError, run_cli
 from sdlora.images import find_images, parse_color
 

@@ -26,13 +26,13 @@ from .captions import (
     write_metadata_jsonl,
     write_txt_captions,
 )
+from .devices import pick_device
 from .errors import UserError
 from .images import InvalidImageError, load_image
 
 # config.json model_type -> our name for the family. BLIP-2 covers the OPT and Flan-T5 variants.
 CAPTIONER_KINDS = {"blip-2": "blip2", "blip": "blip", "vision-encoder-decoder": "vit-gpt2"}
 PROMPT_KINDS = ("blip2", "blip")  # the families whose processor pairs the image with a text prompt
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _NoTextPaddingWarning(logging.Filter):
@@ -49,29 +49,6 @@ class _NoTextPaddingWarning(logging.Filter):
 _NO_TEXT_PADDING_WARNING = (
     _NoTextPaddingWarning()
 )  # one instance: addFilter adds it once however often called
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> the first CUDA GPU if there is one, else the CPU; otherwise the named device, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> float16 on CUDA (half the memory, same captions in practice), float32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name == "float16" and device.type == "cpu":
-        # Many CPU kernels have no float16 version or run it far slower than float32.
-        raise UserError("--dtype float16 on the CPU is slow or unsupported; use float32 or bfloat16")
-    return DTYPES[name]
 
 
 def read_model_config(name_or_path: str) -> dict:
@@ -182,8 +159,7 @@ class Captioner:
 def load_captioner(name_or_path: str, device: str = "auto", dtype: str = "auto") -> Captioner:
     """Load a BLIP-2, BLIP or ViT-GPT2 model and its processors by folder or Hub id, ready to caption."""
     kind = captioner_kind(name_or_path)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_device, torch_dtype = pick_device(device, dtype)
     from transformers import (
         AutoImageProcessor,
         AutoTokenizer,

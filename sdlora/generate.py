@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+from .devices import DTYPES
 from .errors import run_cli
 from .generation import (
-    DTYPES,
     check_generation_settings,
     generate_and_save,
     load_pipeline,

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .captions import read_validation_prompts
+from .devices import pick_device
 from .errors import UserError
 from .lora_files import LoadedLora, find_lora_file, load_lora, read_lora_file
 from .models import resolve_model
@@ -82,36 +83,7 @@ def save_images(images: list[Image.Image], folder: Path, stem: str = "image") ->
 
 # --- Inference: shared by inference.ipynb and `python -m sdlora.generate` ---------------------------
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 GENERATIONS_LOG = "generations.jsonl"
-
-
-def pick_device(
-    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
-) -> tuple[torch.device, torch.dtype]:
-    """CUDA in float16 when a GPU is there, otherwise the CPU in float32; either can be overridden."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device {device!r}: not a device name; use cuda, cuda:1, mps or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device}: CUDA is not available on this machine; use cpu")
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    elif not isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES:
-            raise UserError(f"dtype {dtype!r}: unknown; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    return device, dtype
 
 
 def read_prompts(prompts: str | Path | list[str]) -> list[str]:

@@ -17,8 +17,6 @@ from sdlora.captioning import (
     caption_images,
     load_captioner,
     open_caption_output,
-    resolve_device,
-    resolve_dtype,
 )
 from sdlora.captions import read_captions_json, read_metadata_jsonl, read_txt_captions
 from sdlora.errors import UserError
@@ -325,12 +323,14 @@ def test_existing_captions_match_images_however_the_folder_is_named(sample_data,
 
 
 def test_device_and_dtype_default_to_cuda_fp16_else_cpu_fp32():
-    device = resolve_device("auto")
+    from sdlora.devices import pick_device
+
+    device, dtype = pick_device("auto", "auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", device) == (torch.float16 if device.type == "cuda" else torch.float32)
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert dtype == (torch.float16 if device.type == "cuda" else torch.float32)
+    assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(UserError, match="float16 on the CPU"):
-        resolve_dtype("float16", torch.device("cpu"))
+        pick_device("cpu", "float16")
 
 
 def test_tiny_captioners_are_deterministic_for_a_seed():
