@@ -150,7 +150,6 @@ class TextCache:
 
 def build_caches(args, base, dataset, images, device, dtype) -> tuple[LatentCache | None, TextCache | None]:
     """Latent and text-embedding caches where they are valid; on disk with --cache_latents_to_disk."""
-    from .data import has_crop_slack
     from .training import encode_prompts
 
     root = (
@@ -160,7 +159,7 @@ def build_caches(args, base, dataset, images, device, dtype) -> tuple[LatentCach
     )
     latent_cache = text_cache = None
     if args.cache_latents is not False:
-        if not args.center_crop and has_crop_slack(dataset, args.image_column):
+        if not args.center_crop and images.has_crop_slack():
             (logger.warning if args.cache_latents else logger.info)(
                 "latents not cached: random crops of non-square images differ every epoch (pass --center_crop to cache)"
             )

@@ -7,7 +7,6 @@ exactly the batches and augmentations an uninterrupted run would, in any number 
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,22 +105,17 @@ def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
     return tensor / 127.5 - 1.0
 
 
-def has_crop_slack(dataset, image_column: str) -> bool:
-    """True if some image is not square, so a random crop would differ between epochs."""
-    for value in dataset[image_column]:
-        source, _ = image_source(value)
-        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as im:
-            if im.size[0] != im.size[1]:
-                return True
-    return False
-
-
 class TrainImages(torch.utils.data.Dataset):
     """Examples keyed by (epoch, index): pixels after augmentation, tokenised caption, flip flag."""
 
     def __init__(self, dataset, args, tokenizer, load_pixels: bool = True):
         self.dataset, self.args, self.tokenizer, self.load_pixels = dataset, args, tokenizer, load_pixels
         self.captions = ["" if c is None else str(c) for c in dataset[args.caption_column]]
+        self.sizes: list[tuple[int, int]] = []  # upright (width, height) of each image, set by check_images
+
+    def has_crop_slack(self) -> bool:
+        """True if some image is not square, so a random crop would differ between epochs."""
+        return any(w != h for w, h in self.sizes)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -217,6 +211,7 @@ def check_images(images: TrainImages) -> list[str]:
             problems.append(str(e))
             continue
         report.add(loaded)
+        images.sizes.append(loaded.image.size)
         small += min(loaded.image.size) < args.resolution
     report_problems(
         problems,
