@@ -1,13 +1,16 @@
-"""The built-in tiny model: a Stable-Diffusion-1.x-shaped pipeline with random weights.
+"""The built-in tiny models: Stable-Diffusion-shaped pipelines (SD 1.x, SD 2.x, SDXL) with random weights.
 
 No weights can be downloaded on the machines this project is developed and tested on, so it builds
-its own model from configs: same interfaces as SD 1.x (VAE with 8x downsampling, 4 latent channels and
-SD's scaling factor; a cross-attention UNet; a CLIP text encoder with a working CLIP tokenizer; SD's
-noise schedule), small enough that a training step takes a fraction of a second on 2 CPU cores.
+its own models from configs, with the interfaces of each family (VAE with 8x downsampling, 4 latent
+channels and the family's scaling factor; a cross-attention UNet; CLIP text encoders with a working
+CLIP tokenizer; SD's noise schedule; SD 2's v-prediction; SDXL's second text encoder and size/crop
+conditioning), small enough that a training step takes a fraction of a second on 2 CPU cores.
 
-    python -m sdlora.tiny_model --output_dir models/tiny-sd    # build it at any path
+    python -m sdlora.tiny_model --output_dir models/tiny-sd               # build it at any path
+    python -m sdlora.tiny_model --family sdxl --output_dir models/tiny-sdxl
 
-Scripts build it on first use at DEFAULT_TINY_MODEL_DIR (git-ignored) when no model is named.
+Scripts build them on first use under models/ (git-ignored): `tiny` (or no model) is the SD 1.x one,
+`tiny-sd2` and `tiny-sdxl` the others.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-sd"
+
+
+def default_tiny_model_dir(family: str = "sd1") -> Path:
+    return REPO_ROOT / "models" / ("tiny-sd" if family == "sd1" else f"tiny-{family}")
+
+
 TINY_RESOLUTION = 64  # native size: UNet sample_size 8 x VAE scale factor 8
+TINY_SD2_RESOLUTION = 96  # 1.5x SD 1.x's, as SD 2.x-768 is to SD 1.5
+TINY_SDXL_RESOLUTION = 128  # 2x SD 1.x's, as SDXL's 1024 is to 512
+FAMILIES = ("sd1", "sd2", "sdxl")
+# The name a script resolves to each built-in tiny model, and where it is built on first use.
+TINY_MODEL_NAMES = {"tiny": "sd1", "tiny-sd": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
 # Words the tokenizer knows whole; anything else falls back to characters, as CLIP's BPE would.
 _WORDS = """a an the of on in with and at by to from under over near behind front small big large tiny
@@ -73,16 +87,70 @@ def write_clip_tokenizer_files(folder: Path) -> int:
     return len(vocab)
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Build the tiny StableDiffusionPipeline in memory; the same seed gives the same weights."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_clip_tokenizer_files(Path(tmp))
+        write_clip_tokenizer_files(Path(tmp))
         tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"))
     tokenizer.model_max_length = 77
+    return tokenizer
 
+
+def _tiny_vae(seed: int, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=TINY_RESOLUTION,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32, 32),  # four blocks: 8x downsampling, as in SD
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_clip_config(tokenizer, hidden_act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+        hidden_act=hidden_act,
+    )
+
+
+def _sd_scheduler_kwargs() -> dict:
+    # SD's noise schedule, shared by every family (SDXL kept SD 1.x's betas).
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def build_tiny_pipeline(seed: int = 0, family: str = "sd1"):
+    """Build a tiny pipeline of `family` in memory; the same seed gives the same weights."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: use one of {', '.join(FAMILIES)}")
+    return {"sd1": _build_sd1, "sd2": _build_sd2, "sdxl": _build_sdxl}[family](seed)
+
+
+def _build_sd1(seed: int):
+    """SD 1.x: one CLIP text encoder (quick_gelu), 1x1-conv transformer projections, epsilon, PNDM."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 8,
@@ -96,40 +164,12 @@ def build_tiny_pipeline(seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        sample_size=TINY_RESOLUTION,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32, 32),  # four blocks: 8x downsampling, as in SD
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        scaling_factor=0.18215,
-    )
+    vae = _tiny_vae(seed + 1, 0.18215)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
-        )
-    )
-    # SD 1.x's noise schedule and its default inference scheduler.
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+    # SD 1.x's default inference scheduler.
     scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **_sd_scheduler_kwargs(),
         skip_prk_steps=True,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -147,15 +187,109 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def save_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
+def _build_sd2(seed: int):
+    """SD 2.x-768: OpenCLIP-style text encoder (gelu), linear transformer projections, per-block head
+    dims, v-prediction with DDIM, and a native size 1.5x SD 1.x's (96 px here, as 768 is to 512)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SD2_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    vae = _tiny_vae(seed + 1, 0.18215)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, hidden_act="gelu"))
+    scheduler = DDIMScheduler(
+        **_sd_scheduler_kwargs(),
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(seed: int):
+    """SDXL: two text encoders (the second with a projection), text_time added conditioning, three
+    UNet levels (no attention in the first, two transformer layers in the last), Euler, 128 px native."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    time_dim = 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SDXL_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=64,  # both encoders' hidden states, concatenated (32 + 32)
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_dim,  # pooled text + 6 size/crop numbers
+        norm_num_groups=32,
+    )
+    vae = _tiny_vae(seed + 1, 0.13025)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, hidden_act="gelu"))
+    scheduler = EulerDiscreteScheduler(
+        **_sd_scheduler_kwargs(),
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def save_tiny_model(output_dir: str | Path, seed: int = 0, family: str = "sd1") -> Path:
     """Build the tiny model and save it in the diffusers layout; atomic, so readers never see half of it."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        build_tiny_pipeline(seed).save_pretrained(tmp)
+        build_tiny_pipeline(seed, family).save_pretrained(tmp)
         # Also the slow tokenizer's files, so older transformers releases load the tokenizer too.
-        write_clip_tokenizer_files(tmp / "tokenizer")
+        for tokenizer in ("tokenizer", "tokenizer_2"):
+            if (tmp / tokenizer).is_dir():
+                write_clip_tokenizer_files(tmp / tokenizer)
         os.replace(tmp, output_dir)
     except OSError:
         # Another process (a second accelerate rank, a parallel test) finished first: use its copy.
@@ -168,20 +302,25 @@ def save_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
     return output_dir
 
 
-def ensure_tiny_model(path: str | Path = DEFAULT_TINY_MODEL_DIR) -> Path:
-    """Path of the tiny model, building it there first if it is not there yet."""
-    path = Path(path)
+def ensure_tiny_model(path: str | Path | None = None, family: str = "sd1") -> Path:
+    """Path of the tiny model of `family`, building it there first if it is not there yet."""
+    path = Path(path) if path is not None else default_tiny_model_dir(family)
     if not (path / "model_index.json").is_file():
-        save_tiny_model(path)
+        save_tiny_model(path, family=family)
     return path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the built-in tiny Stable Diffusion model.")
-    parser.add_argument("--output_dir", default=str(DEFAULT_TINY_MODEL_DIR), help="where to save it")
+    parser = argparse.ArgumentParser(description="Build a built-in tiny Stable Diffusion model.")
+    parser.add_argument(
+        "--family", choices=FAMILIES, default="sd1", help="sd1 (SD 1.x), sd2 (SD 2.x, v-prediction) or sdxl"
+    )
+    parser.add_argument(
+        "--output_dir", default=None, help="where to save it (default: models/tiny-sd, tiny-sd2 or tiny-sdxl)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args()
-    print(save_tiny_model(args.output_dir, args.seed))
+    print(save_tiny_model(args.output_dir or default_tiny_model_dir(args.family), args.seed, args.family))
 
 
 if __name__ == "__main__":
