@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Hub id or local diffusers folder (default: built-in tiny model)",
     )
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="another VAE (folder or Hub id), e.g. SDXL's fp16-fixed VAE; default: the model's own",
+    )
     g.add_argument("--revision", default=None, help="model revision on the Hub")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank")
@@ -40,6 +45,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="LoRA alpha (scale = alpha / rank); default: equal to --rank",
+    )
+    g.add_argument(
+        "--lora_layers",
+        choices=["attn", "attn_ff", "all"],
+        default="attn",
+        help="attn: the UNet's attention projections (the diffusers example's); attn_ff: every Linear and 1x1 "
+        "conv of the transformer blocks (kohya's default); all: plus the ResNet and sampler convs (LoCon)",
+    )
+    g.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=None,
+        help="explicit UNet module names (or name suffixes) to adapt, instead of --lora_layers",
+    )
+    g.add_argument(
+        "--conv_rank",
+        "--conv_dim",
+        type=int,
+        default=None,
+        help="rank of the 3x3 convs with --lora_layers all (default: --rank)",
+    )
+    g.add_argument(
+        "--conv_alpha", type=float, default=None, help="alpha of the 3x3 convs (default: --conv_rank)"
+    )
+    g.add_argument("--use_dora", action="store_true", help="weight-decomposed LoRA (DoRA, peft's use_dora)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA path")
+    g.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="also train LoRA on the text encoder(s) (turns the text-embedding cache off)",
     )
     g.add_argument(
         "--prediction_type",
@@ -74,8 +109,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--resolution", type=int, default=None, help="training resolution (default: the model's native size)"
     )
-    g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
+    g.add_argument(
+        "--enable_bucket",
+        action="store_true",
+        help="aspect-ratio buckets (the default unless --center_crop or --random_crop; accepted for kohya's command lines)",
+    )
+    g.add_argument("--center_crop", action="store_true", help="square center crops instead of buckets")
+    g.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="square random crops instead of buckets (the diffusers example's default; cannot cache latents)",
+    )
+    g.add_argument(
+        "--bucket_reso_steps",
+        type=int,
+        default=None,
+        help="bucket sides are multiples of this (default: 64, or the model's minimum for small models)",
+    )
+    g.add_argument(
+        "--min_bucket_reso", type=int, default=None, help="smallest bucket side (default: resolution / 2)"
+    )
+    g.add_argument(
+        "--max_bucket_reso", type=int, default=None, help="largest bucket side (default: resolution x 2)"
+    )
+    g.add_argument(
+        "--bucket_no_upscale",
+        action="store_true",
+        help="never enlarge small images: bucket at their own size",
+    )
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    g.add_argument("--caption_prefix", default="", help="text put before every caption, e.g. a trigger word")
+    g.add_argument("--caption_suffix", default="", help="text put after every caption")
+    g.add_argument(
+        "--caption_dropout_rate",
+        type=float,
+        default=0.0,
+        help="fraction of examples trained with an empty caption",
+    )
+    g.add_argument(
+        "--shuffle_caption", action="store_true", help="shuffle the tags of each caption every epoch"
+    )
+    g.add_argument(
+        "--keep_tokens", type=int, default=0, help="with --shuffle_caption: the first N tags stay in place"
+    )
+    g.add_argument("--caption_separator", default=",", help="what separates tags in a caption")
+    g.add_argument(
+        "--caption_tag_dropout_rate",
+        type=float,
+        default=0.0,
+        help="drop each tag (after --keep_tokens) with this chance",
+    )
     g.add_argument(
         "--image_interpolation_mode",
         default="lanczos",
@@ -104,12 +187,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--latents_cache_dir", default=None, help="folder for on-disk caches (default: <output_dir>/cache)"
     )
+    g.add_argument(
+        "--cache_memory_limit_gb",
+        type=float,
+        default=2.0,
+        help="a latent cache larger than this lives on disk (in --latents_cache_dir), read on demand",
+    )
     g.add_argument("--cache_batch_size", type=int, default=8, help="batch size while filling the caches")
     g.add_argument(
         "--gradient_checkpointing", action="store_true", help="trade compute for memory in the UNet"
     )
     g.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere and newer GPUs")
     g.add_argument("--torch_compile", action="store_true", help="compile the UNet with torch.compile")
+    g.add_argument(
+        "--torch_compile_backend",
+        default="inductor",
+        help="torch.compile backend (inductor; aot_eager to debug)",
+    )
     g.add_argument("--channels_last", action="store_true", help="UNet in channels_last memory format")
 
     g = p.add_argument_group("optimisation")
@@ -123,6 +217,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step"
     )
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument(
+        "--unet_lr",
+        type=float,
+        default=None,
+        help="learning rate of the UNet LoRA (default: --learning_rate)",
+    )
+    g.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="learning rate of the text-encoder LoRA (default: --learning_rate)",
+    )
     g.add_argument(
         "--scale_lr",
         action="store_true",
@@ -172,6 +278,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--validation_guidance_scale", type=float, default=7.5, help="guidance scale for validation"
     )
+    g.add_argument(
+        "--validation_width", type=int, default=None, help="validation image width (default: native size)"
+    )
+    g.add_argument(
+        "--validation_height", type=int, default=None, help="validation image height (default: native size)"
+    )
 
     g = p.add_argument_group("outputs")
     g.add_argument(
@@ -191,6 +303,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="a new run into --output_dir may delete the checkpoints an earlier run left there",
+    )
+    g.add_argument(
         "--force_resume", action="store_true", help="resume even if settings differ from the checkpoint's"
     )
     g.add_argument("--push_to_hub", action="store_true", help="upload the output folder to the Hub")
@@ -202,12 +319,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    from sdlora.lora import AdapterSpec
+
     if not (args.dataset_from_disk or args.train_data_dir or args.dataset_name):
         p.error(
             "no training data: pass --dataset_from_disk (with --dataset_disk_path), --train_data_dir or --dataset_name"
         )
     if args.validation_prompt and args.validation_prompts_dir:
         p.error("pass --validation_prompt or --validation_prompts_dir, not both")
+    if args.center_crop and args.random_crop:
+        p.error("pass --center_crop or --random_crop, not both (neither: aspect-ratio buckets)")
     for flag in (
         "rank",
         "train_batch_size",
@@ -220,21 +341,83 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     ):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
-    if args.validation_steps is not None and args.validation_steps < 1:
-        p.error("--validation_steps must be at least 1")
+    for flag in ("validation_steps", "checkpoints_total_limit", "conv_rank", "max_train_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    for flag in ("caption_dropout_rate", "caption_tag_dropout_rate", "lora_dropout"):
+        if not 0 <= getattr(args, flag) < 1:
+            p.error(f"--{flag} must be in [0, 1)")
+    if args.keep_tokens < 0:
+        p.error("--keep_tokens must be 0 or more")
+    if args.bucket_reso_steps is not None and (args.bucket_reso_steps < 8 or args.bucket_reso_steps % 8):
+        p.error("--bucket_reso_steps must be a multiple of 8 (the VAE's downsampling)")
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = Path(args.output_dir).name
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    args.crop_mode = "center" if args.center_crop else "random" if args.random_crop else "bucket"
+    args.adapter_spec = AdapterSpec(
+        rank=args.rank,
+        alpha=args.lora_alpha,
+        layers=args.lora_layers,
+        target_modules=tuple(args.lora_target_modules) if args.lora_target_modules else None,
+        conv_rank=args.conv_rank,
+        conv_alpha=args.conv_alpha,
+        use_dora=args.use_dora,
+        dropout=args.lora_dropout,
+        text_encoder=args.train_text_encoder,
+    )
     return args
 
 
 def load_data(args, base):
-    """The dataset and the per-example view of it the trainer draws batches from; every image checked."""
-    from sdlora.data import TrainImages, check_images, load_train_dataset
+    """The dataset and the per-example view of it the trainer draws batches from: every image checked
+    and placed in its bucket, the bucket table and caption warnings logged."""
+    from sdlora.buckets import BucketSettings, bucket_table
+    from sdlora.caption_controls import CaptionControls
+    from sdlora.data import Augment, TrainImages, check_captions, check_images, load_train_dataset
+    from sdlora.models import size_multiple
 
     dataset = load_train_dataset(args)
-    images = TrainImages(dataset, args, base.tokenizer)
-    for line in check_images(images):
+    controls = CaptionControls(
+        args.caption_prefix,
+        args.caption_suffix,
+        args.caption_dropout_rate,
+        args.shuffle_caption,
+        args.keep_tokens,
+        args.caption_separator,
+        args.caption_tag_dropout_rate,
+    )
+    augment = Augment(args.seed, args.random_flip, args.image_interpolation_mode, args.background_rgb)
+    images = TrainImages(dataset, args.image_column, dataset[args.caption_column], augment, controls)
+    warnings = check_images(images, args.resolution)
+    multiple = size_multiple(args.pretrained_model_name_or_path, args.revision)
+    # 64 as kohya, but never finer than the UNet's own downsampling allows (16 px for the tiny model).
+    args.bucket_reso_steps = args.bucket_reso_steps or max(multiple, min(64, args.resolution // 8))
+    args.min_bucket_reso = args.min_bucket_reso or max(args.bucket_reso_steps, args.resolution // 2)
+    args.max_bucket_reso = args.max_bucket_reso or args.resolution * 2
+    args.bucket_settings = BucketSettings(
+        args.crop_mode,
+        args.resolution,
+        args.bucket_reso_steps,
+        args.min_bucket_reso,
+        args.max_bucket_reso,
+        args.bucket_no_upscale,
+    )
+    images.place(args.bucket_settings)
+    warnings += check_captions([controls.decorate(str(c)) for c in images.raw_captions], base.tokenizer)
+    for line in warnings:
         logger.warning(line)
+    logger.info("buckets (resolution: images, mean aspect error):")
+    for (w, h), n, err in bucket_table(images.placements):
+        logger.info("  %dx%d: %d, %.1f%%", w, h, n, 100 * err)
+    args.text_cache_blocker = (
+        "the text encoder is trained (--train_text_encoder)"
+        if args.train_text_encoder
+        else "--shuffle_caption / --caption_tag_dropout_rate change captions every epoch (under 2% of a step)"
+        if controls.varies_per_epoch
+        else None
+    )
     return dataset, images
 
 
@@ -242,15 +425,20 @@ def load_data(args, base):
 class Run:
     """What the training loop updates, saves and resumes."""
 
-    unet: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    models: dict[str, torch.nn.Module]  # as prepared by accelerate (DDP-wrapped with several processes)
     params: list[torch.nn.Parameter]  # the LoRA weights: all that is trained, clipped and saved
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     noise_scheduler: object
     conditioning: object
+    write_lora: object  # write_lora(folder, step, epoch): the LoRA files with their metadata
     compat: dict
+    dtype: torch.dtype
     first_step: int = 0
     last_checkpoint: Path | None = None  # the resume source, then each checkpoint saved
+    earlier_checkpoints: list[Path] = field(
+        default_factory=list
+    )  # an earlier run's, deleted at the first save
 
 
 def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
@@ -261,10 +449,16 @@ def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
     for micro in range(len(step.micro_batches)):
         batch = next(batches)
         gen = step_generator(args.seed, step.number, micro, accelerator.process_index, accelerator.device)
-        latents, text = run.conditioning.latents(batch, gen), run.conditioning.text(batch)
         last = micro == len(step.micro_batches) - 1  # gradients are all-reduced on the last micro-batch only
-        with contextlib.nullcontext() if last else accelerator.no_sync(run.unet), accelerator.autocast():
-            loss = diffusion_loss(run.unet, latents, text, run.noise_scheduler, args, gen)
+        with contextlib.ExitStack() as stack:
+            if not last:
+                for model in run.models.values():
+                    stack.enter_context(accelerator.no_sync(model))
+            stack.enter_context(accelerator.autocast())
+            latents, inputs = run.conditioning.latents(batch, gen), run.conditioning.unet_inputs(batch)
+            loss = diffusion_loss(
+                run.models["unet"], latents, inputs, run.noise_scheduler, args, gen, run.dtype
+            )
             accelerator.backward(loss / len(step.micro_batches))
         loss_sum += loss.detach() / len(step.micro_batches)
     accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
@@ -274,15 +468,28 @@ def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
     return loss_sum
 
 
-def save_checkpoint_now(args, accelerator, run: Run, step: int, resumed_from: Path | None) -> None:
+def save_checkpoint_now(args, accelerator, run: Run, step, resumed_from: Path | None) -> None:
     """checkpoint-<step> from the main process, then prune (never the checkpoint this run resumed from)."""
+    import shutil
+
     from sdlora.checkpoints import prune_checkpoints, save_checkpoint
 
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
-        model = accelerator.unwrap_model(run.unet)
+        for (
+            old
+        ) in run.earlier_checkpoints:  # --overwrite_output_dir: an earlier run's, gone before ours count
+            shutil.rmtree(old, ignore_errors=True)
+        run.earlier_checkpoints = []
         run.last_checkpoint = save_checkpoint(
-            output_dir, step, model, run.optimizer, run.lr_scheduler, accelerator.scaler, run.compat
+            output_dir,
+            step.number,
+            lambda folder: run.write_lora(folder, step.number, step.epoch + 1),
+            run.params,
+            run.optimizer,
+            run.lr_scheduler,
+            accelerator.scaler,
+            {"compat": run.compat},
         )
         prune_checkpoints(output_dir, args.checkpoints_total_limit, protect=resumed_from)
         logger.info("saved %s", run.last_checkpoint)
@@ -303,7 +510,7 @@ def train(args, accelerator, run: Run, steps, images, validate, clock) -> None:
 
     from sdlora.data import collate
     from sdlora.faults import maybe_kill
-    from sdlora.training import StopRequest, check_finite
+    from sdlora.training import StopRequest, agree, check_finite
 
     todo = steps[run.first_step :]
     loader = torch.utils.data.DataLoader(
@@ -321,32 +528,42 @@ def train(args, accelerator, run: Run, steps, images, validate, clock) -> None:
         desc="steps",
         disable=not accelerator.is_local_main_process,
     )
-    run.unet.train()
-    for step in todo:
-        with clock.phase("train"):
-            loss = train_step(args, accelerator, run, step, batches)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step.number, bad_step)
-        maybe_kill("step", step.number)  # tests only: a real SIGKILL at a chosen step
-        bar.update(1)
-        if step.number % args.logging_steps == 0 or step.number == args.max_train_steps:
-            check_finite(bad_step, run.last_checkpoint)
-            logs = {"loss": accelerator.reduce(loss, "mean").item(), "lr": run.lr_scheduler.get_last_lr()[0]}
-            bar.set_postfix(step=step.number, **logs)
-            accelerator.log(logs, step=step.number)
-        if step.number % args.checkpointing_steps == 0 or stop.signal is not None:
-            check_finite(bad_step, run.last_checkpoint)
-            with clock.phase("save"):
-                save_checkpoint_now(args, accelerator, run, step.number, resumed_from)
-        if stop.signal is not None:
-            raise UserError(
-                f"stopped by signal {stop.signal} after step {step.number}; "
-                f"resume with --resume_from_checkpoint latest (saved {run.last_checkpoint})"
-            )
-        if validation_due(args, step):
-            with clock.phase("validation"):
-                validate(step.number)
-            run.unet.train()
-    bar.close()
+    for model in run.models.values():
+        model.train()
+    try:
+        for step in todo:
+            with clock.phase("train"):
+                loss = train_step(args, accelerator, run, step, batches)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step.number, bad_step)
+            maybe_kill("step", step.number)  # tests only: a real SIGKILL at a chosen step
+            bar.update(1)
+            stopping, bad_step = agree(accelerator, stop.signal is not None, bad_step)
+            if step.number % args.logging_steps == 0 or step.number == args.max_train_steps:
+                check_finite(bad_step, run.last_checkpoint)
+                logs = {
+                    "loss": accelerator.reduce(loss, "mean").item(),
+                    "lr": run.lr_scheduler.get_last_lr()[0],
+                }
+                bar.set_postfix(step=step.number, **logs)
+                accelerator.log(logs, step=step.number)
+            if step.number % args.checkpointing_steps == 0 or stopping:
+                check_finite(bad_step, run.last_checkpoint)
+                with clock.phase("save"):
+                    save_checkpoint_now(args, accelerator, run, step, resumed_from)
+            if stopping:
+                by = f"signal {stop.signal}" if stop.signal is not None else "a signal to another process"
+                raise UserError(
+                    f"stopped by {by} after step {step.number}; "
+                    f"resume with --resume_from_checkpoint latest (saved {run.last_checkpoint})"
+                )
+            if validation_due(args, step):
+                with clock.phase("validation"):
+                    validate(step.number)
+                for model in run.models.values():
+                    model.train()
+    finally:
+        stop.close()
+        bar.close()
     check_finite(bad_step, run.last_checkpoint)
 
 
@@ -365,61 +582,135 @@ def log_banner(args, accelerator, n_examples: int, first_step: int) -> None:
         args.gradient_accumulation_steps,
     )
     logger.info(
-        "  total optimization steps = %d (starting at %d), resolution = %d, precision = %s",
+        "  total optimization steps = %d (starting at %d), resolution = %d (%s), precision = %s",
         args.max_train_steps,
         first_step,
         args.resolution,
+        args.crop_mode,
         accelerator.mixed_precision,
     )
 
 
+def lora_writer(args, base, models: dict, run_info):
+    """write(folder, step, epoch): both LoRA files, with the metadata as of that step (the one saver of
+    checkpoints and final outputs)."""
+    from sdlora.lora import save_kohya_copy, save_lora
+    from sdlora.metadata import lora_metadata
+
+    def write(folder: Path, step: int, epoch: int) -> None:
+        metadata = lora_metadata(args, run_info, step, epoch)
+        save_lora(models, base.family, folder, metadata)
+        save_kohya_copy(models, base.family, folder, metadata)
+
+    return write
+
+
+def save_outputs(args, accelerator, run: Run, base, dataset_desc: str, prompts, negatives, clock) -> None:
+    """Final LoRA files, the arguments and the model card, then a validation pass with the saved file
+    (whose failure costs nothing) and the upload with --push_to_hub (main process only)."""
+    from sdlora.outputs import write_args, write_model_card
+    from sdlora.validation import validate_saved_lora
+
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    with clock.phase("save"):
+        run.write_lora(output_dir, args.max_train_steps, args.num_train_epochs)
+        logger.info("saved the LoRA to %s", output_dir)
+    write_args(output_dir, args)
+    write_model_card(output_dir, args, base.family, dataset_desc, prompts, None)
+    with clock.phase("validation"):
+        grid = validate_saved_lora(args, accelerator, prompts, negatives, run.dtype)
+    if grid:
+        write_model_card(output_dir, args, base.family, dataset_desc, prompts, grid)
+    if args.push_to_hub:
+        from sdlora.hub import upload_folder_or_explain
+
+        upload_folder_or_explain(
+            output_dir,
+            args.hub_model_id,
+            args.hub_token,
+            "model",
+            ignore_patterns=["checkpoint-*/**", "cache/**", ".*"],
+        )
+
+
 def main(args: argparse.Namespace) -> None:
-    from sdlora.cache import build_caches
-    from sdlora.checkpoints import compat_settings, resume
-    from sdlora.data import plan_training
-    from sdlora.lora import lora_parameters
-    from sdlora.models import load_for_lora_training
-    from sdlora.outputs import save_outputs
+    from sdlora.buckets import kohya_bucket_info
+    from sdlora.cache import build_caches, text_hash
+    from sdlora.checkpoints import compat_settings, earlier_run_checkpoints, resume
+    from sdlora.data import BatchPlan, resolve_schedule
+    from sdlora.lora import add_adapters, lora_parameters
+    from sdlora.metadata import RunInfo
+    from sdlora.models import load_frozen_model
     from sdlora.timing import Stopwatch
     from sdlora.training import Conditioning, make_accelerator, make_optimization
     from sdlora.validation import make_validator, validation_prompts
 
     clock = Stopwatch()
+    if args.push_to_hub:  # before any work: a long run must not learn at its end that it cannot upload
+        from sdlora.hub import check_hub_ready
+
+        args.hub_model_id = check_hub_ready(args.hub_model_id, args.hub_token, "model")
     accelerator, dtype = make_accelerator(args)
-    device = accelerator.device
+    earlier = earlier_run_checkpoints(args)
     prompts, negatives = validation_prompts(args)
     with clock.phase("load"):
-        base = load_for_lora_training(args, device, dtype)
+        base = load_frozen_model(args, accelerator.device, dtype)
         dataset, images = load_data(args, base)
     with clock.phase("cache"):
-        latent_cache, text_cache = build_caches(args, base, dataset, images, device, dtype)
+        latent_cache, text_cache = build_caches(args, base, images, dataset._fingerprint, accelerator, dtype)
     images.load_pixels = latent_cache is None
-    steps = plan_training(args, len(images), accelerator.process_index, accelerator.num_processes)
-    unet, optimizer, lr_scheduler = make_optimization(args, accelerator, base.unet)
-    conditioning = Conditioning(base, images.captions, latent_cache, text_cache, device, dtype)
+    plan = BatchPlan(
+        list(range(len(images))),
+        [p.bucket for p in images.placements],
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        args.seed,
+    )
+    resolve_schedule(args, plan, accelerator.num_processes)
+    steps = plan.steps(accelerator.process_index, accelerator.num_processes, args.max_train_steps)
+    models = add_adapters(base, args.adapter_spec, args.seed)
+    prepared, optimizer, lr_scheduler = make_optimization(args, accelerator, models)
+    encoders = [prepared.get(n, e) for n, e in zip(base.family.text_encoders, base.text_encoders)]
+    run_info = RunInfo(
+        base.family,
+        len(plan.indices),
+        kohya_bucket_info(images.placements),
+        images.controls.tag_frequency(images.raw_captions),
+    )
     run = Run(
-        unet,
-        lora_parameters(base.unet),
+        prepared,
+        [p for m in models.values() for p in lora_parameters(m)],
         optimizer,
         lr_scheduler,
         base.noise_scheduler,
-        conditioning,
-        compat_settings(args, accelerator.num_processes, dataset),
+        Conditioning(base, images, latent_cache, text_cache, encoders, accelerator.device, dtype),
+        lora_writer(args, base, models, run_info),
+        compat_settings(
+            args,
+            accelerator.num_processes,
+            dataset._fingerprint,
+            len(dataset),
+            text_hash([str(c) for c in images.raw_captions]),
+        ),
+        dtype,
+        earlier_checkpoints=earlier,
     )
-    run.first_step, run.last_checkpoint = resume(
-        args, accelerator.unwrap_model(unet), optimizer, lr_scheduler, accelerator.scaler, run.compat
+    run.first_step, run.last_checkpoint, _ = resume(
+        args, models, optimizer, lr_scheduler, accelerator.scaler, run.compat
     )
     if accelerator.is_main_process:
         accelerator.init_trackers(
             "text2image-lora",
             config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
         )
-    log_banner(args, accelerator, len(images), run.first_step)
-    validate = make_validator(args, accelerator, base, unet, dtype, prompts, negatives)
+    log_banner(args, accelerator, len(plan.indices), run.first_step)
+    validate = make_validator(args, accelerator, base, dtype, prompts, negatives)
     train(args, accelerator, run, steps, images, validate, clock)
     accelerator.wait_for_everyone()
     save_outputs(
-        args, accelerator, unet, f"{len(images)} image-caption pairs", prompts, negatives, dtype, clock
+        args, accelerator, run, base, f"{len(plan.indices)} image-caption pairs", prompts, negatives, clock
     )
     accelerator.end_training()
     logger.info(clock.summary())

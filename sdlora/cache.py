@@ -2,23 +2,38 @@
 
 For SD 1.5 at 512 px the VAE encoder costs about 1.1 TFLOP per image, more than the UNet's forward
 pass (0.8 TFLOP), so encoding once per image (and per flip) removes about 40% of a LoRA step's work.
-A cache is keyed by everything its content depends on (dataset fingerprint, encoder weights,
-resolution, crop and flip settings), so a changed setting never reuses a stale cache.
+A cache is keyed by everything its content depends on (data, encoder weights, every preprocessing
+setting, the captions themselves), so a changed setting never reuses a stale cache.
+
+Entries are per item (image or caption) and may differ in shape (aspect-ratio buckets). A small cache
+lives in memory; a large one (or any with --cache_latents_to_disk) lives in safetensors shards on disk
+that are read on demand, so the trainer's memory does not grow with the dataset. With several
+processes each process encodes its own shards and all of them read the result.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .fileio import atomic_directory
+from .fileio import atomic_file
 
 logger = logging.getLogger(__name__)
+SHARD_SIZE = 256  # items per shard file: a few MB at 512 px
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -36,141 +51,288 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def latent_cache_key(dataset_fingerprint: str, vae: torch.nn.Module, args, dtype: torch.dtype) -> str:
-    """Everything the cached latents depend on: data, VAE weights and every preprocessing setting."""
-    return cache_key(
-        dataset=dataset_fingerprint,
-        vae=module_fingerprint(vae),
-        resolution=args.resolution,
-        center_crop=args.center_crop,
-        flip=args.random_flip,
-        interpolation=args.image_interpolation_mode,
-        background=args.background_rgb,
-        dtype=str(dtype),
-    )
+def text_hash(texts: list[str]) -> str:
+    """An identity for a list of captions (order included)."""
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def text_cache_key(
-    dataset_fingerprint: str, text_encoder: torch.nn.Module, tokenizer, dtype: torch.dtype
+def latent_cache_key(
+    dataset_fingerprint: str, vae: torch.nn.Module, settings: dict, dtype: torch.dtype
 ) -> str:
-    """Everything the cached text embeddings depend on: captions, encoder weights and tokenizer."""
+    """Everything the cached latents depend on: data, VAE weights and every preprocessing setting."""
+    return cache_key(dataset=dataset_fingerprint, vae=module_fingerprint(vae), dtype=str(dtype), **settings)
+
+
+def text_cache_key(captions: list[str], text_encoders, tokenizers, dtype: torch.dtype) -> str:
+    """Everything the cached text embeddings depend on: the captions encoded, the encoders' weights,
+    the tokenizers (vocabulary and maximum length) and the dtype."""
     return cache_key(
-        dataset=dataset_fingerprint,
-        text_encoder=module_fingerprint(text_encoder),
-        vocab=len(tokenizer),
-        max_length=tokenizer.model_max_length,
+        captions=text_hash(captions),
+        text_encoders=[module_fingerprint(e) for e in text_encoders],
+        tokenizers=[
+            (len(t), t.model_max_length, text_hash(sorted(t.get_vocab())[:5000])) for t in tokenizers
+        ],
         dtype=str(dtype),
     )
 
 
-def _load(path: Path | None) -> dict[str, torch.Tensor] | None:
-    if path is None or not (path / "cache.safetensors").is_file():
-        return None
-    from safetensors.torch import load_file
+class ShardReader:
+    """Reads single tensors from a safetensors file with plain reads (no memory map), so a tensor read
+    once does not stay in the process's resident memory."""
 
-    logger.info("reusing the cache in %s", path)
-    return load_file(str(path / "cache.safetensors"))
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        n = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+        self.header = json.loads(os.pread(self.fd, n, 8))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + n
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        data = bytearray(os.pread(self.fd, end - begin, self.data_start + begin))
+        return torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def __del__(self):
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self.fd)
 
 
-def _save(path: Path | None, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    if path is None:
-        return
-    from safetensors.torch import save_file
+class TensorStore:
+    """A dict of tensors per item, in memory or in safetensors shards of SHARD_SIZE items in `folder`.
 
-    with atomic_directory(path, overwrite=True) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "cache.safetensors"))
-        (tmp / "key.json").write_text(json.dumps(meta, indent=2, default=str))
-    logger.info("cache written to %s", path)
+    A shard file appears complete or not at all (written under a temporary name, then renamed), and is
+    written by exactly one process: shard k by process k % world. So several processes, a killed run
+    and a later resume can all share one folder.
+    """
+
+    def __init__(self, n: int, names: list[str], folder: Path | None, in_memory: bool):
+        self.n, self.names, self.folder, self.in_memory = n, names, folder, in_memory
+        self.items: list[dict[str, torch.Tensor]] | None = None
+        self.readers: dict[int, ShardReader] = {}
+
+    def _shard(self, k: int) -> Path:
+        return self.folder / f"shard-{k:05d}.safetensors"
+
+    def fill(
+        self, encode: Callable[[list[int]], list[dict[str, torch.Tensor]]], rank: int, world: int, barrier
+    ) -> None:
+        """Encode every missing item (this process's shards only), then make all items readable."""
+        if self.folder is None:  # one process, memory only
+            self.items = encode(list(range(self.n)))
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shards = range((self.n + SHARD_SIZE - 1) // SHARD_SIZE)
+        todo = [k for k in shards if k % world == rank and not self._shard(k).is_file()]
+        if len(todo) < len(shards) and rank == 0:
+            logger.info("reusing the cache in %s", self.folder)
+        for k in todo:
+            items = encode(list(range(k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, self.n))))
+            self._write(k, items)
+        barrier()
+        if self.in_memory:
+            self.items = [self._read(i) for i in range(self.n)]
+            self.readers.clear()
+
+    def _write(self, k: int, items: list[dict[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {
+            f"{k * SHARD_SIZE + j}.{name}": t.contiguous()
+            for j, item in enumerate(items)
+            for name, t in item.items()
+        }
+        with atomic_file(self._shard(k)) as tmp:
+            save_file(tensors, str(tmp))
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        k = i // SHARD_SIZE
+        if k not in self.readers:
+            self.readers[k] = ShardReader(self._shard(k))
+        return {name: self.readers[k].get(f"{i}.{name}") for name in self.names}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i] if self.items is not None else self._read(i)
+
+
+def write_key(folder: Path | None, meta: dict) -> None:
+    """A readable note of what a cache folder holds, beside its shards."""
+    if folder is not None:
+        with atomic_file(folder / "key.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, default=str))
 
 
 class LatentCache:
-    """VAE latent distributions (mean and log-variance) for every example, unflipped and flipped."""
+    """VAE latent distributions (mean and log-variance) of every image at its bucket size, unflipped and
+    flipped, with the image's original size, crop corner and bucket."""
 
-    def __init__(self, moments: torch.Tensor, scaling_factor: float):
-        self.moments = moments  # (N, F, 2*C, h, w): F = 2 with --random_flip, else 1
-        self.scaling_factor = scaling_factor
-
-    @classmethod
-    def build(cls, images, vae, args, device, dtype, folder: Path | None) -> LatentCache:
-        """Encode every example (both flips with --random_flip), or load them from `folder`."""
-        cached = _load(folder)
-        if cached is None:
-            flips = [False, True] if args.random_flip else [False]
-            moments = []
-            with torch.no_grad():
-                for start in range(0, len(images), args.cache_batch_size):
-                    indices = range(start, min(start + args.cache_batch_size, len(images)))
-                    per_flip = []
-                    for flip in flips:
-                        pixels = torch.stack([images.pixels(0, i, flip) for i in indices]).to(device, dtype)
-                        per_flip.append(
-                            vae.encode(pixels).latent_dist.parameters.float().cpu()
-                        )  # (B, 2C, h, w)
-                    moments.append(torch.stack(per_flip, dim=1))  # (B, F, 2C, h, w)
-            cached = {"moments": torch.cat(moments)}
-            _save(folder, cached, {"kind": "latents", "examples": len(images)})
-        return cls(cached["moments"], vae.config.scaling_factor)
+    def __init__(self, store: TensorStore, scaling_factor: float, shift_factor: float | None):
+        self.store, self.scaling_factor, self.shift_factor = store, scaling_factor, shift_factor
 
     def sample(
         self, index: torch.Tensor, flip: torch.Tensor, generator: torch.Generator, device
     ) -> torch.Tensor:
-        """Scaled latents for a batch, sampled from the cached distributions as the VAE path would."""
+        """Scaled latents for a batch (one bucket, so one shape), sampled from the cached distributions as
+        the VAE path would."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        column = flip.long() if self.moments.shape[1] == 2 else torch.zeros_like(index)
-        params = self.moments[index, column].to(device, non_blocking=True)  # (B, 2C, h, w)
-        return DiagonalGaussianDistribution(params).sample(generator) * self.scaling_factor
+        params = torch.stack(
+            [
+                self.store[i]["moments"][int(f) if self.store[i]["moments"].shape[0] == 2 else 0]
+                for i, f in zip(index.tolist(), flip.tolist())
+            ]
+        ).to(device, non_blocking=True)  # (B, 2C, h, w)
+        return scale_latents(
+            DiagonalGaussianDistribution(params).sample(generator), self.scaling_factor, self.shift_factor
+        )
+
+    def mean(self, index: int, flip: bool) -> torch.Tensor:
+        """The scaled mean latent of one image: the deterministic latent held-out losses use."""
+        moments = self.store[index]["moments"]
+        mean = moments[int(flip) if moments.shape[0] == 2 else 0].chunk(2, dim=0)[0]  # (C, h, w)
+        return scale_latents(mean, self.scaling_factor, self.shift_factor)
+
+
+def scale_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    return (latents - (shift_factor or 0.0)) * scaling_factor
 
 
 class TextCache:
-    """Text-encoder outputs for every distinct caption, while the text encoder is frozen."""
+    """Text-encoder outputs for every caption training can use, while the text encoders are frozen."""
 
-    def __init__(self, embeddings: torch.Tensor, row_of_example: torch.Tensor):
-        self.embeddings = embeddings  # (U, 77, D) for U distinct captions
-        self.row_of_example = row_of_example  # (N,) index into embeddings
+    def __init__(self, store: TensorStore, captions: list[str]):
+        self.store = store
+        self.row = {c: i for i, c in enumerate(captions)}
 
-    @classmethod
-    def build(cls, captions: list[str], encode, args, folder: Path | None) -> TextCache:
-        cached = _load(folder)
-        if cached is None:
-            distinct = sorted(set(captions))
-            with torch.no_grad():
-                chunks = [
-                    encode(distinct[s : s + args.cache_batch_size]).float().cpu()
-                    for s in range(0, len(distinct), args.cache_batch_size)
-                ]
-            row = {c: i for i, c in enumerate(distinct)}
-            cached = {"embeddings": torch.cat(chunks), "rows": torch.tensor([row[c] for c in captions])}
-            _save(folder, cached, {"kind": "text", "captions": len(distinct)})
-        return cls(cached["embeddings"], cached["rows"])
-
-    def lookup(self, index: torch.Tensor, device, dtype) -> torch.Tensor:
-        return self.embeddings[self.row_of_example[index]].to(device, dtype, non_blocking=True)
+    def lookup(self, captions: list[str], device, dtype) -> dict[str, torch.Tensor]:
+        rows = [self.store[self.row[c]] for c in captions]
+        return {
+            name: torch.stack([r[name] for r in rows]).to(device, dtype, non_blocking=True)
+            for name in rows[0]
+        }
 
 
-def build_caches(args, base, dataset, images, device, dtype) -> tuple[LatentCache | None, TextCache | None]:
-    """Latent and text-embedding caches where they are valid; on disk with --cache_latents_to_disk."""
-    from .training import encode_prompts
+def latent_bytes(images, vae, flips: int) -> int:
+    """The latent cache's size: mean and log-variance (2C channels, fp32) per image and flip."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    per_pixel = 2 * vae.config.latent_channels * 4 * flips
+    return sum(per_pixel * (p.bucket[0] // factor) * (p.bucket[1] // factor) for p in images.placements)
 
-    root = (
-        Path(args.latents_cache_dir or Path(args.output_dir) / "cache")
-        if args.cache_latents_to_disk
-        else None
-    )
+
+def encode_latents(
+    images, vae, indices: list[int], flips: list[bool], device, dtype, batch_size: int
+) -> list[dict]:
+    """Cache entries for `indices`: latent moments per flip, plus each image's size, crop and bucket.
+    Images are encoded in batches of one bucket each (one shape per batch)."""
+    entries: dict[int, dict] = {}
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        by_bucket.setdefault(images.placements[i].bucket, []).append(i)
+    with torch.no_grad():
+        for members in by_bucket.values():
+            for s in range(0, len(members), batch_size):
+                chunk = members[s : s + batch_size]
+                per_flip = []
+                for flip in flips:
+                    pixels = torch.stack([images.pixels(i, flip, images.placements[i].crop) for i in chunk])
+                    moments = vae.encode(pixels.to(device, dtype)).latent_dist.parameters  # (B, 2C, h, w)
+                    per_flip.append(moments.float().cpu())
+                for j, i in enumerate(chunk):
+                    p = images.placements[i]
+                    entries[i] = {
+                        "moments": torch.stack([m[j] for m in per_flip]),  # (F, 2C, h, w)
+                        "original_size": torch.tensor(p.original),
+                        "crop": torch.tensor(p.crop),
+                        "bucket": torch.tensor(p.bucket),
+                    }
+    return [entries[i] for i in indices]
+
+
+def encode_texts(base, captions: list[str], device, batch_size: int) -> list[dict]:
+    """Cache entries for captions: the family's text conditioning of each, as fp32 CPU tensors."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(captions), batch_size):
+            encoded = base.encode_prompts(captions[s : s + batch_size], device)
+            out += [
+                {k: v[j].float().cpu() for k, v in encoded.items()}
+                for j in range(len(captions[s : s + batch_size]))
+            ]
+    return out
+
+
+def build_caches(
+    args, base, images, fingerprint: str, accelerator, dtype
+) -> tuple[LatentCache | None, TextCache | None]:
+    """Latent and text-embedding caches where they are valid; on disk with --cache_latents_to_disk or
+    when the latents would take more than --cache_memory_limit_gb of memory.
+
+    Each is filled by every process for its own shards (through the cache folder when there are several
+    processes), after which the frozen encoders leave the accelerator until validation needs them.
+    """
+    from dataclasses import asdict
+
+    root = Path(args.latents_cache_dir or Path(args.output_dir) / "cache")
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     latent_cache = text_cache = None
-    if args.cache_latents is not False:
-        if not args.center_crop and images.has_crop_slack():
-            (logger.warning if args.cache_latents else logger.info)(
-                "latents not cached: random crops of non-square images differ every epoch (pass --center_crop to cache)"
-            )
-        else:
-            key = latent_cache_key(dataset._fingerprint, base.vae, args, dtype)
-            latent_cache = LatentCache.build(
-                images, base.vae, args, device, dtype, root / f"latents-{key}" if root else None
-            )
-            base.vae.to("cpu")  # not needed on the accelerator again until validation
-    if args.cache_text_embeddings:
-        key = text_cache_key(dataset._fingerprint, base.text_encoder, base.tokenizer, dtype)
-        encode = functools.partial(encode_prompts, base.tokenizer, base.text_encoder, device=device)
-        text_cache = TextCache.build(images.captions, encode, args, root / f"text-{key}" if root else None)
+    if args.cache_latents is not False and args.crop_mode == "random":
+        (logger.warning if args.cache_latents else logger.info)(
+            "latents not cached: random crops (--random_crop) differ every epoch; the VAE encodes every step"
+        )
+    elif args.cache_latents is not False:
+        flips = [False, True] if args.random_flip else [False]
+        settings = {
+            "buckets": asdict(args.bucket_settings),
+            "flip": args.random_flip,
+            "interpolation": args.image_interpolation_mode,
+            "background": args.background_rgb,
+        }
+        vae_dtype = base.vae_dtype or dtype
+        key = latent_cache_key(fingerprint, base.vae, settings, vae_dtype)
+        size = latent_bytes(images, base.vae, len(flips))
+        on_disk = args.cache_latents_to_disk or size > args.cache_memory_limit_gb * 1e9
+        if on_disk and not args.cache_latents_to_disk:
+            logger.info("latent cache of %.1f GB exceeds --cache_memory_limit_gb: kept on disk", size / 1e9)
+        folder = root / f"latents-{key}" if on_disk or world > 1 else None
+        store = TensorStore(len(images), ["moments", "original_size", "crop", "bucket"], folder, not on_disk)
+        store.fill(
+            lambda idx: encode_latents(
+                images, base.vae, idx, flips, device, vae_dtype, args.cache_batch_size
+            ),
+            rank,
+            world,
+            accelerator.wait_for_everyone,
+        )
+        if rank == 0:
+            write_key(folder, {"kind": "latents", "examples": len(images), **settings})
+        latent_cache = LatentCache(
+            store, base.vae.config.scaling_factor, getattr(base.vae.config, "shift_factor", None)
+        )
+        base.vae.to("cpu")  # not needed on the accelerator again until validation
+    if args.cache_text_embeddings and args.text_cache_blocker:
+        logger.info(
+            "text embeddings not cached: %s; the text encoder runs every step", args.text_cache_blocker
+        )
+    elif args.cache_text_embeddings:
+        captions = images.controls.possible_captions(images.raw_captions)
+        key = text_cache_key(captions, base.text_encoders, base.tokenizers, dtype)
+        folder = root / f"text-{key}" if args.cache_latents_to_disk or world > 1 else None
+        store = TensorStore(
+            len(captions),
+            ["prompt_embeds", "pooled"] if base.family.uses_time_ids else ["prompt_embeds"],
+            folder,
+            True,
+        )
+        store.fill(
+            lambda idx: encode_texts(base, [captions[i] for i in idx], device, args.cache_batch_size),
+            rank,
+            world,
+            accelerator.wait_for_everyone,
+        )
+        if rank == 0:
+            write_key(folder, {"kind": "text", "captions": len(captions)})
+        text_cache = TextCache(store, captions)
+        for encoder in base.text_encoders:
+            encoder.to("cpu")  # back only for validation
     return latent_cache, text_cache

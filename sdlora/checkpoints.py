@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from .errors import UserError
 from .faults import maybe_kill
 from .fileio import atomic_directory
-from .lora import LORA_WEIGHT_NAME, load_lora_into_unet, lora_parameters, save_lora
+from .lora import LORA_WEIGHT_NAME, load_lora_into_models
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -59,29 +60,50 @@ def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
     return path
 
 
+def _to_json(value, path: str, tensors: dict[str, torch.Tensor]):
+    """`value` as JSON, with every tensor, however deeply nested, moved to `tensors` under its path."""
+    if torch.is_tensor(value):
+        tensors[path] = (
+            value.detach().to("cpu").clone().contiguous()
+        )  # clone: safetensors refuses shared storage
+        return {"tensor": path}
+    if isinstance(value, dict):  # keys may be ints (parameter indices) or strings
+        return {"dict": [[k, _to_json(v, f"{path}/{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {
+            "tuple" if isinstance(value, tuple) else "list": [
+                _to_json(v, f"{path}/{i}", tensors) for i, v in enumerate(value)
+            ]
+        }
+    return {"value": value}
+
+
+def _from_json(node, tensors: dict[str, torch.Tensor]):
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "dict" in node:
+        return {k: _from_json(v, tensors) for k, v in node["dict"]}
+    if "list" in node:
+        return [_from_json(v, tensors) for v in node["list"]]
+    if "tuple" in node:
+        return tuple(_from_json(v, tensors) for v in node["tuple"])
+    return node["value"]
+
+
 def _optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    """An optimizer's state dict as (tensors, JSON): any nesting, e.g. bitsandbytes' quantization state
+    under `__bnb_optimizer_quant_state__`, and no pickle."""
+    tensors: dict[str, torch.Tensor] = {}
+    return tensors, _to_json(state, "optimizer", tensors)
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, key = flat.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return _from_json(meta, tensors)
 
 
-def checkpoint_bytes(unet: torch.nn.Module) -> int:
+def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
     """An upper estimate of one checkpoint's size: weights plus two Adam moments, in fp32, plus slack."""
-    n = sum(p.numel() for p in lora_parameters(unet))
-    return 3 * 4 * n + 1_000_000
+    return 3 * 4 * sum(p.numel() for p in params) + 1_000_000
 
 
 def check_disk_space(folder: Path, needed: int) -> None:
@@ -93,25 +115,36 @@ def check_disk_space(folder: Path, needed: int) -> None:
         )
 
 
-def save_checkpoint(output_dir: Path, step: int, unet, optimizer, lr_scheduler, scaler, compat: dict) -> Path:
-    """Write checkpoint-<step> atomically; an existing folder for the same step is replaced whole."""
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    write_lora: Callable[[Path], object],
+    params: list[torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    scaler,
+    state: dict,
+) -> Path:
+    """Write checkpoint-<step> atomically: the LoRA file(s) by `write_lora` (the same writer as the final
+    output), the optimizer state, and `state` (the loop's JSON state) with the step, schedule and scaler.
+    An existing folder for the same step is replaced whole."""
     from safetensors.torch import save_file
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    check_disk_space(output_dir, checkpoint_bytes(unet))
+    check_disk_space(output_dir, checkpoint_bytes(params))
     final = output_dir / f"checkpoint-{step}"
     with atomic_directory(final, overwrite=True) as tmp:
-        save_lora(unet, tmp)
+        write_lora(tmp)
         maybe_kill("save", step)  # tests: die with the folder half-written
         tensors, meta = _optimizer_to_files(optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"meta": json.dumps(meta)})
-        state = {
+        full = {
             "global_step": step,
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "compat": compat,
+            **state,
         }
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps(full, indent=2))
     return final
 
 
@@ -120,14 +153,14 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def load_checkpoint(path: Path, unet, optimizer, lr_scheduler, scaler) -> dict:
+def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, lr_scheduler, scaler) -> dict:
     """Restore LoRA weights, optimizer, schedule and scaler from a checkpoint; return its state."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     state = read_state(path)
     try:
-        load_lora_into_unet(unet, path / LORA_WEIGHT_NAME)
+        load_lora_into_models(models, path / LORA_WEIGHT_NAME)
         with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
             meta = json.loads(f.metadata()["meta"])
         optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / OPTIMIZER_FILE)), meta))
@@ -154,6 +187,8 @@ def check_compatible(saved: dict, current: dict, checkpoint: Path, force: bool) 
             f"{checkpoint}: was trained with other settings ({'; '.join(diffs)}); "
             "restore them, use a new --output_dir, or pass --force_resume"
         )
+    if diffs:
+        logger.warning("resuming despite other settings (--force_resume): %s", "; ".join(diffs))
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None = None) -> list[Path]:
@@ -178,15 +213,41 @@ def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None =
     return removed
 
 
-def compat_settings(args, num_processes: int, dataset) -> dict:
+def earlier_run_checkpoints(args) -> list[Path]:
+    """Checkpoints an earlier run left in --output_dir, which a new run must not mix with its own (pruning
+    would delete each new checkpoint right after writing it, and `latest` would resume the other run).
+
+    Refused unless this run resumes (--resume_from_checkpoint) or --overwrite_output_dir lets them go;
+    returns those to delete before this run's first checkpoint.
+    """
+    found = [path for _, path in list_checkpoints(args.output_dir)]
+    if not found or args.resume_from_checkpoint:
+        return []
+    if not args.overwrite_output_dir:
+        raise UserError(
+            f"{args.output_dir}: holds {found[-1].name} from an earlier run; pass --resume_from_checkpoint "
+            "latest to continue it, --overwrite_output_dir to delete its checkpoints, or another --output_dir"
+        )
+    return found
+
+
+def compat_settings(args, num_processes: int, fingerprint: str, examples: int, captions_hash: str) -> dict:
     """The settings a resumed run must share with its checkpoint to continue the same run."""
     return {
         "base_model": args.pretrained_model_name_or_path,
         "rank": args.rank,
         "lora_alpha": args.lora_alpha,
-        "dataset": dataset._fingerprint,
-        "examples": len(dataset),
+        "adapter": args.adapter_spec.adapter_type,
+        "lora_layers": args.lora_layers if not args.lora_target_modules else list(args.lora_target_modules),
+        "conv_rank": args.conv_rank,
+        "conv_alpha": args.conv_alpha,
+        "train_text_encoder": args.train_text_encoder,
+        "dataset": fingerprint,
+        "examples": examples,
+        "caption_column": args.caption_column,
+        "captions": captions_hash,
         "resolution": args.resolution,
+        "crop_mode": args.crop_mode,
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": num_processes,
@@ -194,15 +255,15 @@ def compat_settings(args, num_processes: int, dataset) -> dict:
     }
 
 
-def resume(args, unet, optimizer, lr_scheduler, scaler, compat: dict) -> tuple[int, Path | None]:
-    """Restore the checkpoint named by --resume_from_checkpoint; return (steps done, its folder)."""
+def resume(args, models, optimizer, lr_scheduler, scaler, compat: dict) -> tuple[int, Path | None, dict]:
+    """Restore the checkpoint named by --resume_from_checkpoint; return (steps done, its folder, its state)."""
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if path is None:
         if args.resume_from_checkpoint:
             logger.info("no checkpoint in %s yet; starting a new run", args.output_dir)
-        return 0, None
+        return 0, None, {}
     # Compare settings before loading, so a different rank is named rather than failing on shapes.
     check_compatible(read_state(path)["compat"], compat, path, args.force_resume)
-    saved = load_checkpoint(path, unet, optimizer, lr_scheduler, scaler)
+    saved = load_checkpoint(path, models, optimizer, lr_scheduler, scaler)
     logger.info("resumed from %s at step %d", path, saved["global_step"])
-    return saved["global_step"], path
+    return saved["global_step"], path, saved

@@ -1,8 +1,8 @@
-"""Training data: load the dataset, preprocess images without torchvision, and plan every batch.
+"""Training data: load the dataset, turn images into training pictures without torchvision, plan every batch.
 
-Augmentation randomness (crop offsets, flips) and the batch order are pure functions of
-(seed, epoch, example index), not of a random state that runs forward; so a resumed run sees
-exactly the batches and augmentations an uninterrupted run would, in any number of worker processes.
+Augmentation randomness (flips, random crops), caption choices and the batch order are pure functions
+of (seed, epoch, example index), not of a random state that runs forward; so a resumed run sees exactly
+the batches, pictures and captions an uninterrupted run would, in any number of worker processes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .buckets import BucketSettings, Placement, epoch_batches, place_all
+from .caption_controls import CaptionControls
 from .errors import UserError
 from .images import load_image
 
@@ -31,9 +33,7 @@ def load_train_dataset(args):
             )
         dataset = datasets.load_from_disk(str(path))
     elif args.train_data_dir:
-        if not Path(args.train_data_dir).is_dir():
-            raise UserError(f"{args.train_data_dir}: not a folder; pass an imagefolder with metadata.jsonl")
-        dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+        dataset = load_image_folder(args.train_data_dir, args.cache_dir)
     else:
         try:
             dataset = datasets.load_dataset(
@@ -58,6 +58,25 @@ def load_train_dataset(args):
     return dataset.cast_column(args.image_column, datasets.Image(decode=False))
 
 
+def load_image_folder(folder: str, cache_dir: str | None = None):
+    """Every image under `folder` (with metadata.jsonl captions) as one train split.
+
+    Given a bare folder, datasets' imagefolder infers splits from file names (COCO_val2014_1.jpg goes to
+    'validation', train_0.jpg to 'train' without metadata.jsonl), so the files are named as one split.
+    """
+    import datasets
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"{folder}: not a folder; pass an imagefolder with metadata.jsonl")
+    files = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    if not (root / "metadata.jsonl").is_file():
+        raise UserError(
+            f"{folder}: no metadata.jsonl with captions; write one, or build a dataset with create_dataset.py"
+        )
+    return datasets.load_dataset("imagefolder", data_files={"train": files}, cache_dir=cache_dir)["train"]
+
+
 def image_source(value) -> tuple[bytes | str, str]:
     """(bytes or path, name for messages) from an undecoded datasets Image value."""
     name = value.get("path") or "image"
@@ -65,7 +84,7 @@ def image_source(value) -> tuple[bytes | str, str]:
 
 
 def augmentation(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream for one example in one epoch (crop offset, flip)."""
+    """The random stream for one example in one epoch: the flip, then a random crop's offsets."""
     return np.random.default_rng([seed, epoch, index])
 
 
@@ -77,23 +96,14 @@ RESAMPLE = {
 }
 
 
-def resize_and_crop(
-    image: Image.Image,
-    resolution: int,
-    center_crop: bool,
-    rng: np.random.Generator,
-    resample: str = "lanczos",
+def picture(
+    image: Image.Image, placement: Placement, crop: tuple[int, int], resample: str = "lanczos"
 ) -> Image.Image:
-    """Resize the short side to `resolution` (PIL's filters antialias when shrinking), then crop a square."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((nw, nh), RESAMPLE[resample])
-    if center_crop:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:
-        left, top = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
-    return image.crop((left, top, left + resolution, top + resolution))
+    """Resize to the placement's size (PIL's filters antialias when shrinking), then crop its bucket at
+    `crop` (left, top)."""
+    image = image.resize(placement.resized, RESAMPLE[resample])
+    (left, top), (w, h) = crop, placement.bucket
+    return image.crop((left, top, left + w, top + h))
 
 
 def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
@@ -105,40 +115,62 @@ def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
     return tensor / 127.5 - 1.0
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Per-example randomness settings."""
+
+    seed: int
+    random_flip: bool
+    interpolation: str = "lanczos"
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
 class TrainImages(torch.utils.data.Dataset):
-    """Examples keyed by (epoch, index): pixels after augmentation, tokenised caption, flip flag."""
+    """Examples keyed by (epoch, index): the picture after augmentation, its caption, its flip."""
 
-    def __init__(self, dataset, args, tokenizer, load_pixels: bool = True):
-        self.dataset, self.args, self.tokenizer, self.load_pixels = dataset, args, tokenizer, load_pixels
-        self.captions = ["" if c is None else str(c) for c in dataset[args.caption_column]]
+    def __init__(
+        self, dataset, image_column: str, raw_captions: list, augment: Augment, captions: CaptionControls
+    ):
+        self.dataset, self.image_column = dataset, image_column
+        self.raw_captions, self.augment, self.controls = raw_captions, augment, captions
         self.sizes: list[tuple[int, int]] = []  # upright (width, height) of each image, set by check_images
-
-    def has_crop_slack(self) -> bool:
-        """True if some image is not square, so a random crop would differ between epochs."""
-        return any(w != h for w, h in self.sizes)
+        self.placements: list[Placement] = []  # set by place()
+        self.load_pixels = True
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def flip(self, epoch: int, index: int) -> bool:
-        return bool(self.args.random_flip and augmentation(self.args.seed, epoch, index).random() < 0.5)
+    def place(self, settings: BucketSettings) -> None:
+        self.placements = place_all(self.sizes, settings)
 
-    def pixels(self, epoch: int, index: int, flip: bool) -> torch.Tensor:
-        source, name = image_source(self.dataset[index][self.args.image_column])
-        image = load_image(source, name=name, background=self.args.background_rgb).image
-        rng = augmentation(self.args.seed, epoch, index)
+    def flip(self, epoch: int, index: int) -> bool:
+        return bool(self.augment.random_flip and augmentation(self.augment.seed, epoch, index).random() < 0.5)
+
+    def crop(self, epoch: int, index: int) -> tuple[int, int]:
+        """The crop corner (left, top) in the resized image: fixed, or drawn per epoch for random crops."""
+        placement = self.placements[index]
+        if placement.crop is not None:
+            return placement.crop
+        rng = augmentation(self.augment.seed, epoch, index)
         rng.random()  # the flip draw, so crop offsets are the same whether or not flips are on
-        square = resize_and_crop(
-            image, self.args.resolution, self.args.center_crop, rng, self.args.image_interpolation_mode
-        )
-        return to_tensor(square, flip)
+        slack = (placement.resized[0] - placement.bucket[0], placement.resized[1] - placement.bucket[1])
+        return int(rng.integers(0, slack[0] + 1)), int(rng.integers(0, slack[1] + 1))
+
+    def caption(self, epoch: int, index: int) -> str:
+        return self.controls.caption(self.raw_captions[index], self.augment.seed, epoch, index)
+
+    def pixels(self, index: int, flip: bool, crop: tuple[int, int]) -> torch.Tensor:
+        """(3, H, W) in [-1, 1] at the image's bucket size."""
+        source, name = image_source(self.dataset[index][self.image_column])
+        image = load_image(source, name=name, background=self.augment.background).image
+        return to_tensor(picture(image, self.placements[index], crop, self.augment.interpolation), flip)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        flip = self.flip(epoch, index)
-        item = {"index": index, "flip": flip}
+        flip, crop = self.flip(epoch, index), self.crop(epoch, index)
+        item = {"index": index, "flip": flip, "crop": crop, "caption": self.caption(epoch, index)}
         if self.load_pixels:
-            item["pixel_values"] = self.pixels(epoch, index, flip)
+            item["pixel_values"] = self.pixels(index, flip, crop)
         return item
 
 
@@ -146,9 +178,11 @@ def collate(items: list[dict]) -> dict:
     batch = {
         "index": torch.tensor([i["index"] for i in items]),
         "flip": torch.tensor([i["flip"] for i in items]),
+        "crop": [i["crop"] for i in items],
+        "caption": [i["caption"] for i in items],
     }
     if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([i["pixel_values"] for i in items])
+        batch["pixel_values"] = torch.stack([i["pixel_values"] for i in items])  # (B, 3, H, W), one bucket
     return batch
 
 
@@ -162,57 +196,55 @@ class Step:
     last_of_epoch: bool
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This process's batches for one epoch: a seeded shuffle, padded by wrap-around so every process
-    gets the same number of full batches (like accelerate's even_batches)."""
-    order = np.random.default_rng([seed, epoch, 1]).permutation(n).tolist()
-    per_step = batch_size * world
-    total = math.ceil(n / per_step) * per_step
-    order = (order * math.ceil(total / n))[:total]
-    return [order[s + rank * batch_size : s + (rank + 1) * batch_size] for s in range(0, total, per_step)]
+@dataclass(frozen=True)
+class BatchPlan:
+    """What decides the order of batches: the examples trained on (dataset indices) and their buckets."""
+
+    indices: list[int]  # dataset indices of the training examples (held-out ones excluded)
+    buckets: list[tuple[int, int]]  # bucket of each training example
+    batch_size: int
+    accumulation: int
+    seed: int
+
+    def epoch(self, epoch: int, rank: int, world: int) -> list[list[int]]:
+        """This process's batches (dataset indices) in `epoch`: every world-th batch of the epoch."""
+        batches = epoch_batches(self.buckets, self.batch_size, self.seed, epoch, world)
+        return [[self.indices[i] for i in b] for b in batches[rank::world]]
+
+    def steps_per_epoch(self, world: int) -> int:
+        return math.ceil(len(self.epoch(0, 0, world)) / self.accumulation)
+
+    def steps(self, rank: int, world: int, total_steps: int) -> list[Step]:
+        """Every optimizer step of the run, in order; a step never spans an epoch boundary."""
+        steps: list[Step] = []
+        epoch = 0
+        while len(steps) < total_steps:
+            batches = [[(epoch, i) for i in b] for b in self.epoch(epoch, rank, world)]
+            groups = [batches[s : s + self.accumulation] for s in range(0, len(batches), self.accumulation)]
+            for g, group in enumerate(groups):
+                steps.append(Step(len(steps) + 1, epoch, group, g == len(groups) - 1))
+                if len(steps) == total_steps:
+                    break
+            epoch += 1
+        return steps
 
 
-def steps_per_epoch(n: int, batch_size: int, world: int, accumulation: int) -> int:
-    return math.ceil(math.ceil(n / (batch_size * world)) / accumulation)
-
-
-def plan_steps(n: int, args, rank: int, world: int, total_steps: int) -> list[Step]:
-    """Every optimizer step of the run, in order; a step never spans an epoch boundary."""
-    steps: list[Step] = []
-    epoch = 0
-    while len(steps) < total_steps:
-        batches = [
-            [(epoch, i) for i in b]
-            for b in epoch_batches(n, args.train_batch_size, args.seed, epoch, rank, world)
-        ]
-        groups = [
-            batches[s : s + args.gradient_accumulation_steps]
-            for s in range(0, len(batches), args.gradient_accumulation_steps)
-        ]
-        for g, group in enumerate(groups):
-            steps.append(Step(len(steps) + 1, epoch, group, g == len(groups) - 1))
-            if len(steps) == total_steps:
-                break
-        epoch += 1
-    return steps
-
-
-def check_images(images: TrainImages) -> list[str]:
-    """Decode every training image once, before any step: all unusable files are named together
-    (not one crash mid-run), and the warnings users need are returned as lines."""
+def check_images(images: TrainImages, resolution: int) -> list[str]:
+    """Decode every image once, before any step: all unusable files are named together (not one crash
+    mid-run), each image's size is recorded, and the warnings users need are returned as lines."""
     from .images import ImageReport, InvalidImageError, report_problems
 
-    args, problems, report, small = images.args, [], ImageReport(), 0
+    problems, report, small = [], ImageReport(), 0
     for index in range(len(images)):
-        source, name = image_source(images.dataset[index][args.image_column])
+        source, name = image_source(images.dataset[index][images.image_column])
         try:
-            loaded = load_image(source, name=name, background=args.background_rgb)
+            loaded = load_image(source, name=name, background=images.augment.background)
         except InvalidImageError as e:
             problems.append(str(e))
             continue
         report.add(loaded)
         images.sizes.append(loaded.image.size)
-        small += min(loaded.image.size) < args.resolution
+        small += min(loaded.image.size) < resolution
     report_problems(
         problems,
         "training images cannot be used (listed above); fix or remove them, "
@@ -221,16 +253,21 @@ def check_images(images: TrainImages) -> list[str]:
     warnings = []
     if small:
         warnings.append(
-            f"{small} of {len(images)} images are smaller than {args.resolution} px and will be upscaled"
+            f"{small} of {len(images)} images are smaller than {resolution} px and will be upscaled"
         )
     if report.counts:
         warnings.append(report.summary())
-    empty = sum(not c.strip() for c in images.captions)
+    return warnings
+
+
+def check_captions(captions: list[str], tokenizer) -> list[str]:
+    """Warnings about the captions as trained: empty ones, and ones the text encoder truncates."""
+    warnings = []
+    empty = sum(not c.strip() for c in captions)
     if empty:
         warnings.append(f"{empty} captions are empty; those images train as unconditional examples")
-    tokenizer = images.tokenizer
     limit = tokenizer.model_max_length
-    long = [c for c in images.captions if len(tokenizer(c).input_ids) > limit]
+    long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
     if long:
         warnings.append(
             f"{len(long)} captions are longer than {limit} tokens; the text encoder sees only their first "
@@ -239,13 +276,16 @@ def check_images(images: TrainImages) -> list[str]:
     return warnings
 
 
-def plan_training(args, n_examples: int, rank: int, world: int) -> list[Step]:
-    """Total steps (args.max_train_steps, args.num_train_epochs) and every step's batches, with the
-    diffusers example's epoch/step arithmetic; --scale_lr applied here, where the batch size is known."""
-    per_epoch = steps_per_epoch(n_examples, args.train_batch_size, world, args.gradient_accumulation_steps)
+def resolve_schedule(args, plan: BatchPlan, world: int) -> None:
+    """Total steps (args.max_train_steps, args.num_train_epochs) with the diffusers example's epoch/step
+    arithmetic; --scale_lr applied here, where the batch size is known."""
+    per_epoch = plan.steps_per_epoch(world)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / per_epoch)
     if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
-    return plan_steps(n_examples, args, rank, world, args.max_train_steps)
+        scale = args.gradient_accumulation_steps * args.train_batch_size * world
+        args.learning_rate *= scale
+        for flag in ("unet_lr", "text_encoder_lr"):
+            if getattr(args, flag, None) is not None:
+                setattr(args, flag, getattr(args, flag) * scale)

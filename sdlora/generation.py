@@ -117,6 +117,32 @@ def check_generation_settings(
             )
 
 
+def inference_scheduler(model: str, prediction_type: str | None = None, revision: str | None = None):
+    """The model's own inference scheduler (class from model_index.json), sampling `prediction_type`
+    when given: a v-prediction LoRA on an epsilon model must be sampled as v-prediction."""
+    import diffusers
+
+    from .families import read_model_config
+
+    _, class_name = read_model_config(model, "model_index.json", revision)["scheduler"]
+    scheduler_class = getattr(diffusers, class_name)
+    scheduler = scheduler_class.from_pretrained(model, subfolder="scheduler", revision=revision)
+    if prediction_type and scheduler.config.get("prediction_type") != prediction_type:
+        scheduler = scheduler_class.from_config(scheduler.config, prediction_type=prediction_type)
+    return scheduler
+
+
+def lora_prediction_type(path: Path) -> str | None:
+    """The prediction type a LoRA was trained for, from its header (SAI model spec: "epsilon" or "v")."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        value = (f.metadata() or {}).get("modelspec.prediction_type")
+    return {"epsilon": "epsilon", "v": "v_prediction"}.get(value)
+
+
 def load_pipeline(
     base_model: str | None,
     lora_path: str | Path | None = None,
@@ -125,32 +151,35 @@ def load_pipeline(
     revision: str | None = None,
     variant: str | None = None,
 ):
-    """The base model's StableDiffusionPipeline on `device`, with the LoRA at lora_path loaded if given.
+    """The base model's pipeline (of its family: SD 1.x/2.x or SDXL) on `device`, with the LoRA at
+    lora_path loaded if given, sampling with the prediction type the LoRA was trained for.
 
     Returns (pipe, lora): lora is a lora_files.LoadedLora, or None without lora_path. The LoRA file is
     read and checked before the model loads, so a wrong path fails in a second, not after a download.
     """
-    from diffusers import StableDiffusionPipeline
+    from .families import detect_family
 
     model = resolve_model(base_model)
     device, dtype = pick_device(device, dtype)
     lora_file = read_lora_file(find_lora_file(lora_path)) if lora_path else None
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model,
-            dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            revision=revision,
-            variant=variant,
+        family = detect_family(model, revision)
+        pipe = family.pipeline_class.from_pretrained(
+            model, dtype=dtype, revision=revision, variant=variant, **family.pipeline_kwargs
         )
-    except (OSError, ValueError) as e:  # ValueError: a missing local path is taken for a bad Hub id
+    except (
+        OSError,
+        ValueError,
+        UserError,
+    ) as e:  # ValueError: a missing local path is taken for a bad Hub id
         if Path(model).is_absolute() or model.startswith((".", "~")):
             raise UserError(f"{model}: no such model folder; check the path") from None
         raise UserError(
             f"{model}: cannot load the model ({str(e).splitlines()[0]}); check the id or path"
         ) from None
     lora = load_lora(pipe, lora_file.path, lora_file) if lora_file else None
+    if lora_file and (prediction_type := lora_prediction_type(lora_file.path)):
+        pipe.scheduler = inference_scheduler(model, prediction_type, revision)
     pipe.set_progress_bar_config(disable=True)
     if (
         pipe.dtype != dtype

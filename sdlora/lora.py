@@ -1,101 +1,217 @@
-"""LoRA adapters on the UNet: add them, read them out, save them (the one LoRA saver), load them back."""
+"""LoRA adapters (peft) on the UNet and, optionally, the text encoders: which layers, add them, read
+their weights out, save them (the one LoRA saver) and load them back for resuming."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from .fileio import atomic_file
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The same weights under kohya's key names, which AUTOMATIC1111 and ComfyUI load as they are. diffusers'
 # load_lora_weights(folder) still picks LORA_WEIGHT_NAME when both are in a folder.
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-# The UNet's attention projections: what the diffusers example and kohya's default LoRA train.
-TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+LAYER_SETS = ("attn", "attn_ff", "all")
+# The UNet's attention projections: what the diffusers example trains.
+ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+# kohya's LoRA: every Linear and 1x1 conv inside the transformer blocks (Transformer2DModel).
+IN_TRANSFORMER = re.compile(r"\.attentions\.\d+\.")
+# kohya's LoCon adds the ResNet blocks and the down/up-samplers.
+IN_RESNET = re.compile(r"\.resnets\.\d+\.|\.(down|up)samplers\.\d+\.conv$")
+TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_MLP = ["fc1", "fc2"]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What is trained: the layer set, rank and alpha (and the 3x3 convs' with LoCon), DoRA, dropout."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    layers: str = "attn"  # attn | attn_ff | all
+    target_modules: tuple[str, ...] | None = None  # explicit module names or suffixes, for experts
+    conv_rank: int | None = None  # kohya's conv_dim; default: rank
+    conv_alpha: float | None = None  # kohya's conv_alpha; default: conv rank
+    use_dora: bool = False
+    dropout: float = 0.0
+    text_encoder: bool = False  # also train LoRA on the text encoder(s)
+
+    @property
+    def adapter_type(self) -> str:
+        return "DoRA" if self.use_dora else "LoCon" if self.layers == "all" else "LoRA"
+
+
+def _is_layer(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+
+
+def _is_3x3(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def unet_targets(unet: torch.nn.Module, spec: AdapterSpec) -> list[str]:
+    """Full names of the UNet layers that get a LoRA."""
+    if spec.target_modules:
+        return list(spec.target_modules)
+    names = []
+    for name, module in unet.named_modules():
+        if not _is_layer(module):
+            continue
+        if spec.layers == "attn":
+            chosen = bool(ATTENTION.search(name))
+        else:
+            chosen = bool(IN_TRANSFORMER.search(name)) and not _is_3x3(module)
+            chosen |= spec.layers == "all" and bool(IN_RESNET.search(name))
+        if chosen:
+            names.append(name)
+    return names
+
+
+def unet_lora_config(unet: torch.nn.Module, spec: AdapterSpec):
+    from peft import LoraConfig
+
+    targets = unet_targets(unet, spec)
+    convs = [n for n in targets if _is_3x3(unet.get_submodule(n))] if not spec.target_modules else []
+    conv_rank = spec.conv_rank or spec.rank
+    conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else float(conv_rank)
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+        rank_pattern={n: conv_rank for n in convs} if conv_rank != spec.rank else {},
+        alpha_pattern={n: conv_alpha for n in convs} if conv_alpha != spec.alpha else {},
+        use_dora=spec.use_dora,
+        lora_dropout=spec.dropout,
+    )
+
+
+def text_lora_config(spec: AdapterSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        init_lora_weights="gaussian",
+        target_modules=TEXT_ATTENTION + (TEXT_MLP if spec.layers != "attn" else []),
+        use_dora=spec.use_dora,
+        lora_dropout=spec.dropout,
+    )
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
-    """Attach a trainable LoRA adapter (peft) to the UNet's attention projections."""
-    from peft import LoraConfig
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
-    unet.add_adapter(config)
+    """Attach a trainable LoRA adapter to the UNet's attention projections (the default layer set)."""
+    unet.add_adapter(unet_lora_config(unet, AdapterSpec(rank=rank, alpha=alpha)))
 
 
-def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
+def add_adapters(base, spec: AdapterSpec, seed: int) -> dict[str, torch.nn.Module]:
+    """Attach fp32 LoRA adapters to the UNet and (with spec.text_encoder) the text encoders; return the
+    adapted models by pipeline component name. The initial weights are a function of the seed."""
+    from peft import get_peft_model  # noqa: F401  (peft must be importable for add_adapter)
+
+    torch.manual_seed(seed)
+    base.unet.add_adapter(unet_lora_config(base.unet, spec))
+    models = {"unet": base.unet}
+    if spec.text_encoder:
+        for name, encoder in zip(base.family.text_encoders, base.text_encoders):
+            encoder.add_adapter(text_lora_config(spec))
+            models[name] = encoder
+    for model in models.values():
+        for param in lora_parameters(model):
+            param.data = (
+                param.data.float()
+            )  # fp32 LoRA weights (and so fp32 optimizer state) under any precision
+    return models
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights under diffusers' key names, as fp32 CPU tensors."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def peft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under peft's names (`<module>.lora_A.weight`), as fp32 CPU tensors."""
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-
-
-def _adapter_metadata(unet: torch.nn.Module) -> dict:
-    # Saved beside the weights so that loaders apply the same lora_alpha (the scale is alpha / rank).
-    return unet.peft_config["default"].to_dict()
-
-
-def save_lora(unet: torch.nn.Module, folder: str | Path) -> Path:
-    """Write folder/pytorch_lora_weights.safetensors in the diffusers format, atomically."""
-    from diffusers import StableDiffusionPipeline
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=lora_state_dict(unet),
-            unet_lora_adapter_metadata=_adapter_metadata(unet),
-            safe_serialization=True,
-        )
-        os.replace(Path(tmp) / LORA_WEIGHT_NAME, folder / LORA_WEIGHT_NAME)
-    return folder / LORA_WEIGHT_NAME
-
-
-def save_kohya_copy(unet: torch.nn.Module, folder: str | Path) -> Path:
-    """Write folder/pytorch_lora_weights_kohya.safetensors: `lora_unet_<module>.lora_down/lora_up.weight`
-    plus `.alpha` (our lora_alpha, so the strength matches), the format A1111 and ComfyUI read."""
-    from diffusers.utils import convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    alpha = float(unet.peft_config["default"].lora_alpha)
-    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-    kohya = {
-        k: torch.tensor(alpha) if k.endswith(".alpha") else v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in convert_state_dict_to_kohya(peft_state).items()  # (it sets every alpha to the rank)
+    return {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
     }
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(unet.peft_config["default"].r),
-        "ss_network_alpha": str(alpha),
-    }  # what kohya's own files carry, shown by A1111
-    with atomic_file(folder / KOHYA_WEIGHT_NAME) as tmp:
-        save_file(kohya, str(tmp), metadata=metadata)
-    return folder / KOHYA_WEIGHT_NAME
 
 
-def load_lora_into_unet(unet: torch.nn.Module, file: str | Path) -> None:
-    """Set the UNet's adapter weights from a file our saver wrote (for resuming training)."""
+def to_peft_name(key: str) -> str:
+    """A diffusers-format key under peft's names: diffusers writes attention layers as `.lora.down` and
+    text-encoder layers as `.lora_linear_layer.down`, and every other layer with peft's `lora_A`."""
+    for old, new in ((".lora_linear_layer.down.", ".lora_A."), (".lora_linear_layer.up.", ".lora_B.")):
+        key = key.replace(old, new)
+    return key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+
+
+def load_lora_into_models(models: dict[str, torch.nn.Module], file: str | Path) -> None:
+    """Set the adapters' weights from a file our saver wrote (for resuming training)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = load_file(str(file))
-    prefix = "unet."
-    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    from diffusers.utils import convert_unet_state_dict_to_peft
+    for part, model in models.items():
+        prefix = f"{part}."
+        own = {to_peft_name(k[len(prefix) :]): v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            raise ValueError(f"{file}: holds no {part} LoRA weights")
+        result = set_peft_model_state_dict(model, own)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{file}: keys that do not fit this {part}: {unexpected[:3]}")
 
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state))
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"{file}: keys that do not fit this UNet: {unexpected[:3]}")
+
+def save_lora(
+    models: dict[str, torch.nn.Module], family, folder: str | Path, metadata: dict[str, str]
+) -> Path:
+    """Write folder/pytorch_lora_weights.safetensors in the diffusers format (with the adapters' settings
+    and `metadata` in its header), atomically."""
+    import tempfile
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    for part, model in models.items():
+        kwargs[f"{part}_lora_layers"] = convert_state_dict_to_diffusers(peft_state(model))
+        kwargs[f"{part}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as tmp:
+        family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        with safe_open(str(Path(tmp) / LORA_WEIGHT_NAME), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            header = {**(f.metadata() or {}), **metadata}
+    with atomic_file(folder / LORA_WEIGHT_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return folder / LORA_WEIGHT_NAME
+
+
+def save_kohya_copy(
+    models: dict[str, torch.nn.Module], family, folder: str | Path, metadata: dict[str, str]
+) -> Path:
+    """Write folder/pytorch_lora_weights_kohya.safetensors: `lora_unet_<module>.lora_down/lora_up.weight`
+    plus `.alpha` (our lora_alpha, so the strength matches), the format A1111 and ComfyUI read."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_file
+
+    folder = Path(folder)
+    unet = models["unet"]
+    alpha = float(unet.peft_config["default"].lora_alpha)
+    peft = {f"unet.{k}": v for k, v in peft_state(unet).items()}
+    kohya = {
+        k: torch.tensor(alpha) if k.endswith(".alpha") else v
+        for k, v in convert_state_dict_to_kohya(peft).items()  # (it sets every alpha to the rank)
+    }
+    with atomic_file(folder / KOHYA_WEIGHT_NAME) as tmp:
+        save_file(kohya, str(tmp), metadata=metadata)
+    return folder / KOHYA_WEIGHT_NAME

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 from .fileio import atomic_write_text
+from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+from .metadata import trigger_words
 
 logger = logging.getLogger(__name__)
 
@@ -16,31 +18,48 @@ def write_args(output_dir: Path, args) -> None:
     values = {
         k: v
         for k, v in sorted(vars(args).items())
-        if isinstance(v, (str, int, float, bool, list, type(None)))
+        if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
     }
     atomic_write_text(output_dir / "args.json", json.dumps(values, indent=2) + "\n")
 
 
-def write_model_card(output_dir: Path, args, dataset_desc: str, prompts: list[str], grid: str | None) -> None:
-    """README.md in the Hugging Face model-card format: base model, data, hyperparameters, samples."""
+def write_model_card(
+    output_dir: Path,
+    args,
+    family,
+    dataset_desc: str,
+    prompts: list[str],
+    grid: str | None,
+    extra: list[str] = (),
+) -> None:
+    """README.md in the Hugging Face model-card format: base model, what was trained, data,
+    hyperparameters, which file to use where, samples."""
+    spec = args.adapter_spec
+    words = trigger_words(args.caption_prefix)
     lines = [
         "---",
         f"base_model: {args.pretrained_model_name_or_path}",
         "library_name: diffusers",
-        "tags: [stable-diffusion, text-to-image, diffusers, lora]",
+        f"tags: [stable-diffusion, {family.name}, text-to-image, diffusers, lora]",
+        *([f"instance_prompt: {words[0]}"] if words else []),
         "---",
         "",
         f"# LoRA for {args.pretrained_model_name_or_path}",
         "",
-        f"Trained on {dataset_desc} with the sdlora toolkit.",
+        f"A {spec.adapter_type} for a {family.title} model, trained on {dataset_desc} with the sdlora toolkit.",
         "",
         "| setting | value |",
         "| --- | --- |",
+        f"| adapter | {spec.adapter_type} |",
+        f"| layers | {args.lora_layers}{' + text encoder' if args.train_text_encoder else ''} |",
+        f"| trigger words | {', '.join(words) if words else '-'} |",
     ]
     for key in (
         "rank",
         "lora_alpha",
         "resolution",
+        "crop_mode",
+        "prediction_type",
         "train_batch_size",
         "gradient_accumulation_steps",
         "learning_rate",
@@ -54,48 +73,26 @@ def write_model_card(output_dir: Path, args, dataset_desc: str, prompts: list[st
         lines.append(f"| {key} | {getattr(args, key, None)} |")
     lines += [
         "",
+        "## Files",
+        "",
+        f"- `{LORA_WEIGHT_NAME}`: diffusers (`pipe.load_lora_weights(folder)`) and `python -m sdlora.generate`.",
+        f"- `{KOHYA_WEIGHT_NAME}`: the same weights under kohya's names, with kohya's metadata: copy it into "
+        "AUTOMATIC1111's `models/Lora` or ComfyUI's `models/loras`.",
+        "- `checkpoint-<step>/`: the same two files at that step, plus the state to resume training.",
+        "",
         "## Use",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {family.pipeline_class_name}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+        f'pipe = {family.pipeline_class_name}.from_pretrained("{args.pretrained_model_name_or_path}")',
         f'pipe.load_lora_weights("{output_dir}")',
         "```",
         "",
     ]
+    lines += list(extra)
     if prompts:
         lines += ["## Validation prompts", ""] + [f"- {p}" for p in prompts] + [""]
     if grid:
         lines += [f"![validation images]({grid})", ""]
     atomic_write_text(output_dir / "README.md", "\n".join(lines))
-
-
-def save_outputs(args, accelerator, unet, dataset_desc: str, prompts, negatives, weight_dtype, clock) -> None:
-    """Final LoRA weights, a validation pass with the saved file, the model card and the arguments
-    (main process only); then the upload with --push_to_hub."""
-    from .lora import save_kohya_copy, save_lora
-    from .validation import validate_saved_lora
-
-    if not accelerator.is_main_process:
-        return
-    output_dir = Path(args.output_dir)
-    with clock.phase("save"):
-        model = accelerator.unwrap_model(unet)
-        logger.info("saved %s and %s", save_lora(model, output_dir), save_kohya_copy(model, output_dir))
-    with clock.phase("validation"):
-        grid = validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype)
-    write_args(output_dir, args)
-    write_model_card(output_dir, args, dataset_desc, prompts, grid)
-    if args.push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(
-            args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token
-        ).repo_id
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=str(output_dir),
-            token=args.hub_token,
-            ignore_patterns=["checkpoint-*/**", "cache/**", ".*"],
-        )

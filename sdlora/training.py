@@ -1,8 +1,9 @@
-"""The pieces of a LoRA training step: precision, optimizer, schedule, noise and the diffusion loss."""
+"""The pieces of a LoRA training step: precision, optimizer, schedule, noise, conditioning and the loss."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .families import time_ids
 
 
 def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
@@ -40,8 +42,9 @@ def check_8bit_adam() -> None:
         ) from None
 
 
-def make_optimizer(params: list[torch.nn.Parameter], args, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the LoRA weights: bitsandbytes' 8-bit version, or torch's (fused on CUDA)."""
+def make_optimizer(param_groups: list[dict], args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the LoRA weights (one group per learning rate): bitsandbytes' 8-bit version, or torch's
+    (fused on CUDA)."""
     kwargs = dict(
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -51,10 +54,10 @@ def make_optimizer(params: list[torch.nn.Parameter], args, device: torch.device)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
     # The fused CUDA kernel does the update for all tensors at once; on CPU the foreach path is the fast one.
     return torch.optim.AdamW(
-        params, **kwargs, **({"fused": True} if device.type == "cuda" else {"foreach": True})
+        param_groups, **kwargs, **({"fused": True} if device.type == "cuda" else {"foreach": True})
     )
 
 
@@ -83,35 +86,49 @@ def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1.0 - alphas_cumprod)
 
 
-def diffusion_loss(unet, latents, encoder_hidden_states, noise_scheduler, args, generator) -> torch.Tensor:
+def noised(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, noise_scheduler):
+    """(noisy latents, training target) in fp32 whatever the weights' dtype: in bf16, alphas_cumprod near 1
+    rounds to 1 and the smallest timesteps would get no noise at all."""
+    latents, noise = latents.float(), noise.float()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noisy, noise
+    if prediction_type == "v_prediction":
+        return noisy, noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise UserError(
+        f"unsupported prediction type {prediction_type!r}; use --prediction_type epsilon or v_prediction"
+    )
+
+
+def diffusion_loss(
+    unet, latents, unet_inputs: dict, noise_scheduler, args, generator, dtype=torch.float32
+) -> torch.Tensor:
     """Noise the latents at random timesteps and score the UNet's prediction (epsilon or v)."""
     b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
     if args.noise_offset:
         # https://www.crosslabs.org/blog/diffusion-with-offset-noise: lets the model learn very dark/bright images
         offset = torch.randn(
-            (b, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+            (b, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=torch.float32
         )
         noise = noise + args.noise_offset * offset
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
     )
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise UserError(
-            f"unsupported prediction type {noise_scheduler.config.prediction_type!r}; use --prediction_type epsilon or v_prediction"
-        )
-    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if args.snr_gamma is None:
+    noisy, target = noised(latents, noise, timesteps, noise_scheduler)
+    pred = unet(noisy.to(dtype), timesteps, **unet_inputs, return_dict=False)[0]
+    return weighted_mse(pred, target, timesteps, noise_scheduler, args.snr_gamma)
+
+
+def weighted_mse(pred, target, timesteps, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
+    """Mean squared error, with min-SNR weighting when snr_gamma is set."""
+    if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
     # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (section 3.4): min(SNR, gamma) / SNR for epsilon,
     # divided by SNR + 1 instead for v-prediction.
     snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma)
+    weights = torch.clamp(snr, max=snr_gamma)
     weights = (
         weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
     )
@@ -119,43 +136,59 @@ def diffusion_loss(unet, latents, encoder_hidden_states, noise_scheduler, args, 
     return (per_sample * weights).mean()
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    """CLIP hidden states (B, 77, D); captions longer than the encoder's 77 tokens are truncated."""
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids, return_dict=False)[0]
-
-
 class Conditioning:
-    """Latents and text embeddings for a batch: looked up in the caches, or computed by the frozen
+    """Latents and UNet conditioning for a batch: looked up in the caches, or computed by the frozen
     encoders on every step (the plain path the diffusers example takes)."""
 
-    def __init__(self, base, captions: list[str], latent_cache, text_cache, device, dtype):
-        self.base, self.captions = base, captions
+    def __init__(self, base, images, latent_cache, text_cache, text_encoders, device, dtype):
+        self.base, self.images = base, images
         self.latent_cache, self.text_cache = latent_cache, text_cache
+        self.text_encoders = text_encoders  # as prepared by accelerate when they are trained
         self.device, self.dtype = device, dtype
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """fp32 scaled latents (B, 4, H/8, W/8)."""
         if self.latent_cache is not None:
-            return self.latent_cache.sample(batch["index"], batch["flip"], generator, self.device).to(
-                self.dtype
-            )
-        pixels = batch["pixel_values"].to(self.device, self.dtype, non_blocking=True)  # (B, 3, H, W)
+            return self.latent_cache.sample(batch["index"], batch["flip"], generator, self.device)
+        vae = self.base.vae
+        pixels = batch["pixel_values"].to(self.device, self.base.vae_dtype or self.dtype, non_blocking=True)
         with torch.no_grad():
-            dist = self.base.vae.encode(pixels).latent_dist
-            return dist.sample(generator) * self.base.vae.config.scaling_factor  # (B, 4, H/8, W/8)
+            sample = vae.encode(pixels).latent_dist.sample(generator)  # (B, 4, H/8, W/8)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((sample - shift) * vae.config.scaling_factor).float()
 
-    def text(self, batch: dict) -> torch.Tensor:
+    def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
-            return self.text_cache.lookup(batch["index"], self.device, self.dtype)
-        with torch.no_grad():
-            prompts = [self.captions[i] for i in batch["index"].tolist()]
-            return encode_prompts(self.base.tokenizer, self.base.text_encoder, prompts, self.device)
+            return self.text_cache.lookup(captions, self.device, self.dtype)
+        trained = any(p.requires_grad for e in self.text_encoders for p in e.parameters())
+        with torch.enable_grad() if trained else torch.no_grad():
+            return self.base.family.encode_prompts(
+                self.base.tokenizers, self.text_encoders, captions, self.device
+            )
+
+    def time_ids(self, batch: dict) -> torch.Tensor | None:
+        """SDXL's size and crop conditioning of each example, from its recorded placement."""
+        if not self.base.family.uses_time_ids:
+            return None
+        rows = []
+        for index, flip, crop in zip(batch["index"].tolist(), batch["flip"].tolist(), batch["crop"]):
+            placement = self.images.placements[index]
+            rows.append(time_ids(placement.original, placement.crop_for(flip, crop), placement.bucket))
+        return torch.tensor(rows, device=self.device, dtype=self.dtype)  # (B, 6)
+
+    def unet_inputs(self, batch: dict) -> dict:
+        return self.base.family.unet_inputs(self.text(batch["caption"]), self.time_ids(batch))
+
+
+def refuse_sharded_training() -> None:
+    """DeepSpeed and FSDP are refused before anything loads: the loop steps its own optimizer over
+    gradient accumulation, which they would take over, and a LoRA on SD fits on one GPU anyway."""
+    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise UserError(
+                f"{name} is not supported ({var} is set by your accelerate config or launch flags): a LoRA "
+                "fits on one GPU; scale out with DDP instead (accelerate launch --multi_gpu --num_processes N)"
+            )
 
 
 def make_accelerator(args):
@@ -164,10 +197,11 @@ def make_accelerator(args):
     Returns (accelerator, dtype of the frozen weights).
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration
 
     from .images import parse_color
 
+    refuse_sharded_training()
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -176,6 +210,11 @@ def make_accelerator(args):
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UserError(
+            f"{accelerator.distributed_type.value} is not supported: a LoRA fits on one GPU; scale out with DDP "
+            "instead (accelerate launch --multi_gpu --num_processes N)"
+        )
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.ERROR,
@@ -192,36 +231,56 @@ def make_accelerator(args):
                 "--enable_xformers_memory_efficient_attention: xformers is not installed; drop the flag (PyTorch's SDPA is used)"
             ) from None
     if args.allow_tf32:
-        allow_fast_fp32_math()
+        allow_fast_fp32_math(accelerator.device)
     args.background_rgb = parse_color(args.background)
     return accelerator, weight_dtype
 
 
-def allow_fast_fp32_math() -> None:
+def allow_fast_fp32_math(device: torch.device) -> None:
     """Let fp32 convolutions and matmuls use faster reduced-precision math (fp32 accumulation):
     TF32 on Ampere and newer GPUs; on CPUs with AMX or AVX512-BF16, oneDNN's bf16 math mode.
     Measured on a 2-core AMX Xeon: a 320-channel 3x3 conv forward+backward 49 -> 29 ms, a 4096x1280x1280
-    matmul 39 -> 16 ms (bench/bench_training.py has whole-step numbers)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    mkldnn = torch.backends.mkldnn
-    if hasattr(mkldnn, "conv") and hasattr(
-        mkldnn.conv, "fp32_precision"
-    ):  # PyTorch 2.9+; ignored without bf16 units
-        mkldnn.conv.fp32_precision = "bf16"
-        mkldnn.matmul.fp32_precision = "bf16"
+    matmul 39 -> 16 ms (bench/bench_training.py has whole-step numbers).
+
+    Only PyTorch's newer precision API is used, and matmuls through set_float32_matmul_precision, which
+    keeps every backend consistent: mixing it with the legacy `allow_tf32` flags makes
+    torch.get_float32_matmul_precision() raise, and inductor calls it.
+    """
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision("medium")  # oneDNN bf16 on CPUs that have it
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits.
+    A second signal is not caught: a second Ctrl-C stops at once."""
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         self.signal = signum
+        signal.signal(signum, self.previous.get(signum) or signal.SIG_DFL)
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def agree(accelerator, stop: bool, bad_step: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    """The stop request and first non-finite step, agreed by every process (one small all-reduce), so that
+    all of them leave the loop at the same step instead of some waiting forever in a collective."""
+    if accelerator.num_processes == 1:
+        return stop, bad_step
+    import torch.distributed as dist
+
+    flags = torch.stack([torch.tensor(float(stop), device=bad_step.device), bad_step.float()])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item()), flags[1].long()
 
 
 def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
@@ -237,17 +296,24 @@ def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
         )
 
 
-def make_optimization(args, accelerator, unet):
-    """Optimizer and schedule over the LoRA weights; the UNet and optimizer prepared by accelerate.
+def make_optimization(args, accelerator, models: dict[str, torch.nn.Module]):
+    """Optimizer and schedule over the LoRA weights (--unet_lr and --text_encoder_lr, both defaulting to
+    --learning_rate); the adapted models and optimizer prepared by accelerate.
 
-    The schedule is not prepared: accelerate would step it once per process, and it is stepped
-    here exactly once per optimizer step.
+    Returns (prepared models by name, optimizer, schedule). The schedule is not prepared: accelerate
+    would step it once per process, and it is stepped here exactly once per optimizer step.
     """
     from .lora import lora_parameters
 
-    optimizer = make_optimizer(lora_parameters(unet), args, accelerator.device)
+    groups = []
+    for name, model in models.items():
+        lr = args.unet_lr if name == "unet" else args.text_encoder_lr
+        groups.append({"params": lora_parameters(model), "lr": lr if lr is not None else args.learning_rate})
+    optimizer = make_optimizer(groups, args, accelerator.device)
     lr_scheduler = make_lr_scheduler(optimizer, args, args.max_train_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    prepared = accelerator.prepare(*models.values(), optimizer)
+    *modules, optimizer = prepared
+    prepared_models = dict(zip(models, modules))
     if args.torch_compile:
-        unet = torch.compile(unet)
-    return unet, optimizer, lr_scheduler
+        prepared_models["unet"] = torch.compile(prepared_models["unet"], backend=args.torch_compile_backend)
+    return prepared_models, optimizer, lr_scheduler

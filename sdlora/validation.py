@@ -9,24 +9,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .generation import generate, load_pipeline, make_grid, slugify
+from .generation import generate, inference_scheduler, load_pipeline, make_grid, slugify
 
 logger = logging.getLogger(__name__)
 
 
-def pipeline_from_modules(model: str, base, unet, device, revision: str | None = None):
-    """A StableDiffusionPipeline around the training modules (no weights reloaded from disk)."""
-    from diffusers import StableDiffusionPipeline
+@contextlib.contextmanager
+def borrowed(modules: list[torch.nn.Module], device):
+    """Move modules to `device` for the block and back where each was: the frozen encoders live off the
+    accelerator once the caches are built, and come back only for validation."""
+    homes = [next(m.parameters()).device for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model,
-        unet=unet,
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        safety_checker=None,
-        requires_safety_checker=False,
-        revision=revision,
+
+def pipeline_from_modules(
+    base, unet, text_encoders, device, prediction_type: str, revision: str | None = None
+):
+    """The family's pipeline around the training modules (no weights reloaded from disk), sampling with
+    the prediction type the LoRA is trained for."""
+    components = base.pipeline_components(unet)
+    components.update(zip(base.family.text_encoders, text_encoders))
+    pipe = base.family.pipeline_class(
+        **components,
+        scheduler=inference_scheduler(base.name, prediction_type, revision),
+        **base.family.pipeline_kwargs,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -57,6 +69,8 @@ def run_validation(
                     args.validation_num_inference_steps,
                     args.validation_guidance_scale,
                     args.seed,
+                    height=args.validation_height,
+                    width=args.validation_width,
                 )
             slug = slugify(prompt)
             folder.mkdir(parents=True, exist_ok=True)
@@ -90,42 +104,61 @@ def validation_prompts(args) -> tuple[list[str], list[str] | None]:
     return prompts, negatives
 
 
-def make_validator(args, accelerator, base, unet, weight_dtype, prompts, negatives):
+def make_validator(args, accelerator, base, weight_dtype, prompts, negatives):
     """validate(step): validation images from the in-memory modules, on the main process only."""
 
     def validate(step: int) -> None:
         if not prompts or not accelerator.is_main_process:
             return
-        base.vae.to(accelerator.device)
-        model = accelerator.unwrap_model(unet)
-        pipe = pipeline_from_modules(
-            args.pretrained_model_name_or_path, base, model, accelerator.device, args.revision
-        )
+        # base's own modules are the ones training updates, whatever DDP or torch.compile wrapped around them.
+        unet, encoders = base.unet, base.text_encoders
         logger.info(
             "validation at step %d: %d prompts x %d images", step, len(prompts), args.num_validation_images
         )
-        run_validation(
-            pipe, prompts, negatives, args, step, Path(args.output_dir), accelerator.trackers, weight_dtype
-        )
+        with borrowed([base.vae, *encoders], accelerator.device):
+            try:
+                pipe = pipeline_from_modules(
+                    base, unet, encoders, accelerator.device, args.prediction_type, args.revision
+                )
+            except Exception as e:  # noqa: BLE001 - validation must never end a training run
+                logger.error(
+                    "validation at step %d failed (%s: %s); training continues", step, type(e).__name__, e
+                )
+                return
+            run_validation(
+                pipe,
+                prompts,
+                negatives,
+                args,
+                step,
+                Path(args.output_dir),
+                accelerator.trackers,
+                weight_dtype,
+            )
 
     return validate
 
 
 def validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype) -> str | None:
-    """The last validation, from the saved file reloaded into a fresh pipeline; returns a sample image path."""
+    """The last validation, from the saved file reloaded into a fresh pipeline; returns a sample image path.
+    Any failure is logged and None returned: the outputs are saved whatever happens here."""
     if not prompts:
         return None
     output_dir = Path(args.output_dir)
-    # The same loader inference uses: the file users will load, checked against the model and reloaded.
-    pipe, _ = load_pipeline(
-        args.pretrained_model_name_or_path,
-        output_dir,
-        accelerator.device,
-        weight_dtype,
-        args.revision,
-        args.variant,
-    )
     step = args.max_train_steps
+    try:
+        # The same loader inference uses: the file users will load, checked against the model and reloaded.
+        pipe, _ = load_pipeline(
+            args.pretrained_model_name_or_path,
+            output_dir,
+            accelerator.device,
+            weight_dtype,
+            args.revision,
+            args.variant,
+        )
+    except Exception as e:  # noqa: BLE001 - a failed validation never costs outputs
+        logger.error("final validation failed (%s: %s); the outputs are saved", type(e).__name__, e)
+        return None
     if run_validation(pipe, prompts, negatives, args, step, output_dir, accelerator.trackers, weight_dtype):
         return f"validation/step-{step}/00-{slugify(prompts[0])}_0.png"
     return None
