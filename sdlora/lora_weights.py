@@ -1,0 +1,379 @@
+"""A LoRA in memory, whatever file it came from, and its two file formats (diffusers' and kohya's).
+
+`LoraWeights` holds peft-named tensors per model part (`unet`, `text_encoder`, `text_encoder_2`):
+`<module>.lora_A.weight`, `<module>.lora_B.weight` and, for DoRA, `<module>.lora_magnitude_vector`, plus
+each module's alpha (the LoRA adds alpha / rank * B @ A, as kohya and diffusers both read it), the model
+family when known, and header metadata (`ss_*`, `modelspec.*`) carried into the files it is written to.
+
+    weights = weights_from_models({"unet": unet, "text_encoder": text_encoder}, metadata={...})
+    write_diffusers(weights, out / "pytorch_lora_weights.safetensors")  # pipe.load_lora_weights(out)
+    write_kohya(weights, out / "pytorch_lora_weights_kohya.safetensors")  # A1111, ComfyUI
+    weights = read_lora(any_lora_file)  # ours or kohya/A1111, SD 1.x / 2.x / SDXL
+
+Text encoder modules are kept under transformers' full CLIP paths (`text_model.encoder.layers.0...`), as
+kohya names them and older transformers built them; diffusers drops the `text_model.` root when loading
+into a CLIPTextModel that lacks it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .fileio import atomic_file
+from .kohya import (
+    LORA_A,
+    LORA_B,
+    MAGNITUDE,
+    SDXL_LAYOUT,
+    KohyaFormatError,
+    SgmLayout,
+    from_kohya,
+    is_conv3,
+    network_metadata,
+    to_kohya,
+)
+from .lora_files import ADAPTER_METADATA_KEY, find_lora_file, read_lora_file
+
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# kohya's ss_base_model_version for each family (sd-scripts' model_util / sdxl_train_util)
+_BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# Cross-attention width of the real models (the UNet's attn2.to_k input): tells a file's family by shape.
+_CROSS_ATTENTION_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Header keys that describe one file's tensors; recomputed when writing, so not carried from a file read.
+_DERIVED_KEYS = {"format", ADAPTER_METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha"}
+_DERIVED_KEYS.add("ss_network_args")
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA's tensors under peft names per model part, each module's alpha, its family and header metadata."""
+
+    parts: dict[str, dict[str, torch.Tensor]]
+    alphas: dict[str, dict[str, float]]  # part -> module path -> alpha (float32 values, as kohya stores them)
+    family: str | None = None  # "sd1", "sd2", "sdxl"
+    metadata: dict[str, str] = field(default_factory=dict)
+    sgm_layout: SgmLayout | None = None  # the UNet's layout for kohya's SDXL names (None: SDXL's own)
+
+    def modules(self, part: str) -> list[str]:
+        return list(self.alphas.get(part, {}))
+
+    def down(self, part: str, module: str) -> torch.Tensor:
+        return self.parts[part][module + LORA_A]
+
+    def up(self, part: str, module: str) -> torch.Tensor:
+        return self.parts[part][module + LORA_B]
+
+    def magnitude(self, part: str, module: str) -> torch.Tensor | None:
+        return self.parts[part].get(module + MAGNITUDE)
+
+    def rank(self, part: str, module: str) -> int:
+        return self.down(part, module).shape[0]
+
+    def delta(self, part: str, module: str) -> torch.Tensor:
+        """What the LoRA adds to the module's weight (before DoRA's normalisation): alpha / rank * B @ A."""
+        down, up = self.down(part, module), self.up(part, module)
+        scale = self.alphas[part][module] / down.shape[0]
+        # (out, r) @ (r, in * kh * kw), back to the weight's shape (out, in[, kh, kw])
+        return (scale * up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+    @property
+    def sdxl(self) -> bool:
+        return self.family == "sdxl" or "text_encoder_2" in self.parts
+
+    def is_dora(self, part: str | None = None) -> bool:
+        tensors = [self.parts[part]] if part else self.parts.values()
+        return any(k.endswith(MAGNITUDE) for t in tensors for k in t)
+
+    def has_conv(self) -> bool:
+        """Whether it adapts spatial convolutions (kohya's LoCon), not only Linear and 1x1 layers."""
+        return any(is_conv3(self.down(p, m)) for p in self.parts for m in self.modules(p))
+
+    def adapter_type(self) -> str:
+        kind = "LoCon" if self.has_conv() else "LoRA"
+        return f"DoRA ({kind})" if self.is_dora() else kind
+
+
+def _float32(value: float) -> float:
+    # kohya files hold alphas as float32: keep every alpha a float32 value so that round trips are exact
+    return torch.tensor(float(value), dtype=torch.float32).item()
+
+
+def family_of_unet_config(config) -> str:
+    """sdxl (added text_time conditioning), sd2 (linear transformer projections) or sd1."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if get("use_linear_projection", False) else "sd1"
+
+
+def family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """The family a kohya header names (ss_base_model_version, modelspec.architecture), or None."""
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    for family, version_prefix, architecture_prefix in (
+        ("sdxl", "sdxl", "stable-diffusion-xl"),
+        ("sd2", "sd_v2", "stable-diffusion-v2"),
+        ("sd1", "sd_v1", "stable-diffusion-v1"),
+    ):
+        if version.startswith(version_prefix) or architecture.startswith(architecture_prefix):
+            return family
+    return None
+
+
+def _family_from_shapes(parts: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    for key, tensor in parts.get("unet", {}).items():
+        if re.search(r"attn2\.to_[kv]\.lora_A\.weight$", key):
+            return _CROSS_ATTENTION_DIMS.get(tensor.shape[1])
+    return None
+
+
+def _te_path(module: str) -> str:
+    """transformers' full CLIP path: CLIPTextModel in transformers 5 has no `text_model.` root any more."""
+    return module if module.startswith(("text_model.", "text_projection")) else f"text_model.{module}"
+
+
+def _canonical(part: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if part == "unet":
+        return tensors
+    return {_te_path(k): v for k, v in tensors.items()}
+
+
+def _modules_of(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k.removesuffix(LORA_A) for k in tensors if k.endswith(LORA_A)]
+
+
+def weights_from_models(
+    models: dict[str, torch.nn.Module],
+    family: str | None = None,
+    metadata: dict[str, str] | None = None,
+    adapter_name: str = "default",
+) -> LoraWeights:
+    """The LoRA adapter of peft-adapted models (part name -> model), as fp32 CPU tensors.
+
+    Each module's alpha is what peft resolved for it from the adapter's r, lora_alpha, rank_pattern and
+    alpha_pattern (kept on the layer), so conv ranks and alphas set by pattern come out right. The family
+    is guessed from the models when not given (text_encoder_2: sdxl; linear projections: sd2; else sd1).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    parts, alphas = {}, {}
+    for part, model in models.items():
+        if part not in PARTS:
+            raise ValueError(f"model part {part!r}: use one of {', '.join(PARTS)}")
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        module_alphas = {}
+        for name, layer in model.named_modules():
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                alpha, rank = layer.lora_alpha[adapter_name], layer.r[adapter_name]
+                # rsLoRA scales by alpha / sqrt(r); files say alpha / r, so store the alpha that gives that scale
+                rslora = layer.use_rslora.get(adapter_name, False)
+                module_alphas[name] = _float32(alpha * math.sqrt(rank) if rslora else alpha)
+        if set(module_alphas) != set(_modules_of(tensors)):
+            raise ValueError(f"{part}: LoRA layers and adapter weights disagree; pass the unwrapped model")
+        if part != "unet":
+            module_alphas = {_te_path(m): a for m, a in module_alphas.items()}
+        parts[part], alphas[part] = _canonical(part, tensors), module_alphas
+    unet = models.get("unet")
+    if family is None and "text_encoder_2" in models:
+        family = "sdxl"
+    elif family is None and unet is not None:
+        family = family_of_unet_config(unet.config)
+    layout = SgmLayout.from_unet_config(unet.config) if family == "sdxl" and unet is not None else None
+    return LoraWeights(parts, alphas, family, dict(metadata or {}), layout)
+
+
+# --- diffusers format --------------------------------------------------------------------------------
+
+
+def adapter_config(weights: LoraWeights, part: str) -> dict:
+    """The peft LoraConfig of one part, as diffusers' save_lora_weights stores it (lora_adapter_metadata).
+
+    r and lora_alpha are the most common; other modules' go to rank_pattern / alpha_pattern. Text encoder
+    paths lose their `text_model.` root there, since peft matches patterns as path suffixes and
+    transformers 5's CLIPTextModel has no such root.
+    """
+    from peft import LoraConfig
+
+    def pattern(module: str) -> str:
+        return module if part == "unet" else module.removeprefix("text_model.")
+
+    ranks = {m: weights.rank(part, m) for m in weights.modules(part)}
+    alphas = weights.alphas[part]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(pattern(m) for m in ranks),
+        rank_pattern={pattern(m): v for m, v in ranks.items() if v != r},
+        alpha_pattern={pattern(m): v for m, v in alphas.items() if v != alpha},
+        use_dora=weights.is_dora(part),
+    )
+    return config.to_dict()
+
+
+def _with_family(weights: LoraWeights) -> dict[str, str]:
+    metadata = dict(weights.metadata)
+    if weights.family and "ss_base_model_version" not in metadata:
+        metadata["ss_base_model_version"] = _BASE_MODEL_VERSIONS[weights.family]
+    return metadata
+
+
+# Text encoder DoRA magnitudes are written as `<module>.lora_magnitude_vector.weight`, not as peft saves them
+# (without `.weight`): transformers 5's load_adapter, which diffusers loads text encoders with, renames
+# `lora_*` keys to `lora_*.<adapter>` (peft 0.21's build_peft_weight_mapping) and so misses the `.weight` of
+# DoRA's magnitude module, leaving it at its initial value. peft's own set_peft_model_state_dict reads both.
+_TE_MAGNITUDE = MAGNITUDE + ".weight"
+
+
+def write_diffusers(weights: LoraWeights, path: str | Path) -> Path:
+    """Write the diffusers-format file (`pipe.load_lora_weights` reads it), with the adapter configs and metadata.
+
+    diffusers' own save_lora_weights writes it first, so keys and `lora_adapter_metadata` are as diffusers
+    expects; the metadata is added to that header and the file appears atomically.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if "text_encoder_2" in weights.parts and weights.family not in (None, "sdxl"):
+        raise ValueError(f"a second text encoder's LoRA in a {weights.family} LoRA")
+    pipeline = StableDiffusionXLPipeline if weights.sdxl else StableDiffusionPipeline
+    kwargs = {}
+    for part, tensors in weights.parts.items():
+        if part != "unet":  # see _TE_MAGNITUDE
+            tensors = {k + ".weight" if k.endswith(MAGNITUDE) else k: v for k, v in tensors.items()}
+        kwargs[f"{part}_lora_layers"] = tensors
+        kwargs[f"{part}_lora_adapter_metadata"] = adapter_config(weights, part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
+        pipeline.save_lora_weights(tmp, safe_serialization=True, weight_name="lora.safetensors", **kwargs)
+        with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt", device="cpu") as f:
+            names, header = f.keys(), dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in names}
+    header.update(_with_family(weights))
+    with atomic_file(path) as tmp_file:
+        save_file(tensors, str(tmp_file), metadata=header)
+    return path
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: a key matches a module path it ends (at a dot)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _from_diffusers(path: Path, state: dict[str, torch.Tensor], header: dict[str, str]):
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    by_part: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        part, _, rest = key.partition(".")
+        if part not in PARTS:
+            raise UserError(f"{path}: LoRA layers for a model part sdlora does not know ({key!r})")
+        if key.endswith(".alpha"):
+            raise UserError(f"{path}: alpha tensors in a diffusers-format file ({key!r}) are not supported")
+        by_part.setdefault(part, {})[rest] = tensor
+    configs: dict[str, dict] = {}
+    for key, value in json.loads(header.get(ADAPTER_METADATA_KEY, "{}")).items():
+        part, _, name = key.partition(".")
+        configs.setdefault(part, {})[name] = value
+    parts, alphas = {}, {}
+    for part, tensors in by_part.items():
+        if part == "unet":
+            tensors = convert_unet_state_dict_to_peft(tensors)
+        else:  # the same conversions as diffusers' text encoder loader
+            tensors = _canonical(part, convert_state_dict_to_peft(convert_state_dict_to_diffusers(tensors)))
+            tensors = {
+                k.removesuffix(".weight") if k.endswith(_TE_MAGNITUDE) else k: v for k, v in tensors.items()
+            }
+        strays = [k for k in tensors if not k.endswith((LORA_A, LORA_B, MAGNITUDE))]
+        modules = _modules_of(tensors)
+        if strays or any(m + LORA_B not in tensors for m in modules):
+            what = f"{strays[0]!r} is" if strays else "some modules have no lora_B and are"
+            raise UserError(f"{path}: {what} not part of a plain LoRA/DoRA (LoRA biases are not supported)")
+        config = configs.get(part, {})
+        module_alphas = {}
+        for module in modules:
+            rank = tensors[module + LORA_A].shape[0]
+            # no adapter config: diffusers loads it with alpha = rank (scale 1)
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+            module_alphas[module] = _float32(alpha * math.sqrt(rank) if config.get("use_rslora") else alpha)
+        parts[part], alphas[part] = tensors, module_alphas
+    return parts, alphas
+
+
+def read_lora(path: str | Path, sgm_layout: SgmLayout | None = None) -> LoraWeights:
+    """Read a LoRA file (ours, or kohya/A1111 for SD 1.x/2.x/SDXL) or a folder holding one; UserError if it is none.
+
+    kohya's SDXL block numbers are read with `sgm_layout` (SDXL's own when None).
+    """
+    lora = read_lora_file(find_lora_file(path))
+    header = _header(lora.path)
+    if lora.format == "kohya":
+        try:
+            parts, alphas = from_kohya(lora.state_dict, sgm_layout or SDXL_LAYOUT)
+        except KohyaFormatError as e:
+            raise UserError(f"{lora.path}: {e}") from None
+        sdxl_names = any(
+            k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks")) for k in lora.state_dict
+        )
+        sdxl_names = sdxl_names or any(
+            k.startswith(("lora_unet_middle_block", "lora_unet_output_blocks")) for k in lora.state_dict
+        )
+    else:
+        parts, alphas = _from_diffusers(lora.path, lora.state_dict, header)
+        sdxl_names = "text_encoder_2" in parts
+    family = "sdxl" if sdxl_names else family_from_metadata(header) or _family_from_shapes(parts)
+    metadata = {k: v for k, v in header.items() if k not in _DERIVED_KEYS}
+    return LoraWeights(parts, alphas, family, metadata, sgm_layout)
+
+
+def _header(path: Path) -> dict[str, str]:
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # already read once: it opens
+        return dict(f.metadata() or {})
+
+
+# --- kohya format ------------------------------------------------------------------------------------
+
+
+def write_kohya(weights: LoraWeights, path: str | Path) -> Path:
+    """Write the kohya/A1111/ComfyUI file: kohya names (SGM blocks for SDXL), alphas, dora_scale, ss_* metadata.
+
+    The ss_network_* keys are computed from the tensors (they describe this file), the rest of the
+    metadata is the weights' own.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        tensors = to_kohya(weights.parts, weights.alphas, weights.sdxl, weights.sgm_layout or SDXL_LAYOUT)
+    except KohyaFormatError as e:
+        raise UserError(f"{path}: cannot write it in kohya's format: {e}") from None
+    metadata = {**_with_family(weights), **network_metadata(weights.parts, weights.alphas)}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
