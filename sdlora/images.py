@@ -35,6 +35,9 @@ class InvalidImageError(UserError):
 class LoadedImage:
     image: Image.Image  # 8-bit RGB, upright
     notes: list[str] = field(default_factory=list)  # conversions applied: "transparency", "animated", ...
+    # The decoded file's own mode ("RGB", "LA", "CMYK"...): an opaque RGBA or LA file needs no note but is
+    # still not RGB, so callers that keep a file's original bytes check this too.
+    source_mode: str = ""
 
 
 @dataclass
@@ -172,7 +175,8 @@ def load_image(
     if orientation not in (1, None):
         image = ImageOps.exif_transpose(image)
         notes.append("exif_rotated")
+    source_mode = image.mode
     image = _to_rgb(image, background, notes)
     if image.width < 1 or image.height < 1:
         raise InvalidImageError(f"{name}: image has no pixels; replace it")
-    return LoadedImage(image=image, notes=notes)
+    return LoadedImage(image=image, notes=notes, source_mode=source_mode)

@@ -86,3 +86,15 @@ def test_find_images_is_recursive_and_sorted(tmp_path, odd):
     for name in ("b.png", "sub/a.JPG", "notes.txt", ".hidden.png"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["b.png", "sub/a.JPG"]
+
+
+def test_source_mode_tells_an_opaque_alpha_file_from_rgb(odd, tmp_path):
+    """An opaque LA or RGBA file needs no conversion note, yet is not RGB: source_mode says so."""
+    from PIL import Image
+
+    Image.new("LA", (8, 8), (100, 255)).save(tmp_path / "opaque_la.png")
+    Image.new("RGBA", (8, 8), (1, 2, 3, 255)).save(tmp_path / "opaque_rgba.png")
+    for name, mode in (("opaque_la.png", "LA"), ("opaque_rgba.png", "RGBA")):
+        loaded = load_image(tmp_path / name)
+        assert (loaded.notes, loaded.source_mode, loaded.image.mode) == ([], mode, "RGB")
+    assert load_image(odd["exif_rotated.jpg"]).source_mode == "RGB"
