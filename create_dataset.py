@@ -10,10 +10,15 @@ from metadata.jsonl in --images_dir, else from kohya-style .txt files beside the
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdlora.errors import UserError, run_cli
 from sdlora.images import parse_color
+
+if TYPE_CHECKING:
+    from sdlora.dataset_builder import CheckedExample
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,30 +77,45 @@ def load_tokenizer_and_resolution(args: argparse.Namespace):
         return None, args.resolution
 
 
+def push_dataset(checked: list[CheckedExample], output: Path, saved: bool, repo_id: str, background) -> None:
+    """Push the dataset saved at output, or one written to a temporary folder when it was not saved."""
+    import datasets
+
+    from sdlora.dataset_builder import write_dataset
+
+    if saved:
+        datasets.load_from_disk(str(output)).push_to_hub(repo_id)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_dataset(checked, Path(tmp) / output.name, background=background)
+        datasets.load_from_disk(str(Path(tmp) / output.name)).push_to_hub(repo_id)
+
+
 def main(args: argparse.Namespace) -> None:
-    from sdlora.dataset_builder import build_dataset, collect_captions, pair_examples, save_dataset
+    from sdlora.dataset_builder import check_examples, collect_captions, pair_examples, write_dataset
 
     output = Path(args.output_dir) / args.dataset_name
     if args.save_to_disk and output.exists() and not args.overwrite:
         raise UserError(
             f"{output}: already exists; pass --overwrite to replace it or choose another --dataset_name"
         )
+    background = parse_color(args.background)
     images_dir = Path(args.images_dir)
     captions, source = collect_captions(images_dir, Path(args.captions_file) if args.captions_file else None)
     examples, problems = pair_examples(images_dir, captions, source)
     tokenizer, resolution = load_tokenizer_and_resolution(args)
-    dataset, summary = build_dataset(
-        examples, args.skip_invalid, parse_color(args.background), tokenizer, resolution, problems
+    checked, summary = check_examples(
+        examples, args.skip_invalid, background, tokenizer, resolution, problems
     )
     print(f"captions from {source}")
     for line in summary.lines(resolution):
         print(line)
     if args.save_to_disk:
-        save_dataset(dataset, output, args.overwrite)
-        print(f"saved {len(dataset)} examples to {output}")
+        write_dataset(checked, output, args.overwrite, background)
+        print(f"saved {len(checked)} examples to {output}")
     if args.push_to_hub:
         repo_id = args.hub_dataset_id or f"{args.user_name}/{args.dataset_name}"
-        dataset.push_to_hub(repo_id)
+        push_dataset(checked, output, args.save_to_disk, repo_id, background)
         print(f"pushed to https://huggingface.co/datasets/{repo_id}")
 
 

@@ -41,7 +41,7 @@ def sample_data(tmp_path) -> Path:
 def tiny_dataset(tmp_path_factory) -> Path:
     """The sample images and captions as a dataset saved by the dataset builder."""
     from sdlora.captions import read_captions_json
-    from sdlora.dataset_builder import build_dataset, pair_examples, save_dataset
+    from sdlora.dataset_builder import build_dataset, pair_examples
     from sdlora.sample_data import write_sample_data
 
     root = tmp_path_factory.mktemp("data")
@@ -49,8 +49,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     examples, problems = pair_examples(
         root / "images", read_captions_json(root / "image_captions.json"), "captions"
     )
-    dataset, _ = build_dataset(examples, known_problems=problems)
-    save_dataset(dataset, root / "dataset", overwrite=False)
+    build_dataset(examples, root / "dataset", known_problems=problems)
     return root / "dataset"
 
 

@@ -18,8 +18,10 @@ from sdlora.captions import write_metadata_jsonl
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_create(cwd: Path, *args: str, tiny_model: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run_create(
+    cwd: Path, *args: str, tiny_model: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [
             sys.executable,
@@ -65,10 +67,13 @@ def test_absolute_paths_from_the_original_toolkit(sample_data, tiny_model):
     assert len(datasets.load_from_disk(str(sample_data / "datasets" / "Text2Image_example"))) == 8
 
 
-def test_metadata_jsonl_and_txt_sources(sample_data, tiny_model):
-    captions = {
-        Path(k).name: v for k, v in json.loads((sample_data / "image_captions.json").read_text()).items()
-    }
+def sample_captions(root: Path) -> dict[str, str]:
+    """The sample data's captions by image file name."""
+    return {Path(k).name: v for k, v in json.loads((root / "image_captions.json").read_text()).items()}
+
+
+def test_metadata_jsonl_as_captions_file(sample_data, tiny_model):
+    captions = sample_captions(sample_data)
     images = sample_data / "images"
     write_metadata_jsonl(images / "metadata.jsonl", {images / k: v for k, v in captions.items()})
     result = run_create(
@@ -81,25 +86,188 @@ def test_metadata_jsonl_and_txt_sources(sample_data, tiny_model):
     )
     assert result.returncode == 0, result.stderr
     assert_round_trip(sample_data / "datasets" / "jsonl", images, captions)
-    (images / "metadata.jsonl").unlink()
+
+
+def test_missing_captions_file_falls_back_to_metadata_jsonl_in_images_dir(sample_data, tiny_model):
+    images = sample_data / "images"
+    captions = {name: f"from metadata: {caption}" for name, caption in sample_captions(sample_data).items()}
+    (sample_data / "image_captions.json").unlink()  # the default --captions_file is now missing
+    write_metadata_jsonl(images / "metadata.jsonl", {images / k: v for k, v in captions.items()})
+    for name in captions:  # .txt files come last: metadata.jsonl wins over them
+        (images / name).with_suffix(".txt").write_text("from a txt file\n")
+    result = run_create(sample_data, tiny_model=tiny_model)
+    assert result.returncode == 0, result.stderr
+    assert f"captions from {Path('images') / 'metadata.jsonl'}" in result.stdout
+    assert_round_trip(sample_data / "datasets" / "Text2Image_example", images, captions)
+
+
+def test_no_captions_file_or_metadata_falls_back_to_txt_files(sample_data, tiny_model):
+    images = sample_data / "images"
+    captions = {name: f"from a txt file: {caption}" for name, caption in sample_captions(sample_data).items()}
     for name, caption in captions.items():
         (images / name).with_suffix(".txt").write_text(caption + "\n")
-    result = run_create(
-        sample_data, "--captions_file", "missing.json", "--dataset_name", "txt", tiny_model=tiny_model
-    )
+    result = run_create(sample_data, "--captions_file", "missing.json", tiny_model=tiny_model)
     assert result.returncode == 0, result.stderr
     assert ".txt files" in result.stdout
-    assert_round_trip(sample_data / "datasets" / "txt", images, captions)
+    assert_round_trip(sample_data / "datasets" / "Text2Image_example", images, captions)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under folder, by relative path: to compare a folder byte for byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_existing_dataset_is_kept_without_overwrite(sample_data, tiny_model):
     assert run_create(sample_data, tiny_model=tiny_model).returncode == 0
-    marker = sample_data / "datasets" / "Text2Image_example" / "state.json"
-    before = marker.read_bytes()
+    dataset = sample_data / "datasets" / "Text2Image_example"
+    before = folder_bytes(dataset)
     result = run_create(sample_data, tiny_model=tiny_model)
     assert result.returncode == 2 and "--overwrite" in result.stderr
-    assert marker.read_bytes() == before
-    assert run_create(sample_data, "--overwrite", tiny_model=tiny_model).returncode == 0
+    assert folder_bytes(dataset) == before
+
+
+def test_overwrite_replaces_the_dataset_only_once_the_new_one_is_complete(sample_data, tiny_model):
+    assert run_create(sample_data, tiny_model=tiny_model).returncode == 0
+    datasets_dir = sample_data / "datasets"
+    dataset = datasets_dir / "Text2Image_example"
+    before = folder_bytes(dataset)
+    # A new build that fails its check: the old dataset stays byte for byte, with nothing left beside it.
+    good_png = (sample_data / "images" / "red_circle.png").read_bytes()
+    (sample_data / "images" / "red_circle.png").write_bytes(b"not a png")
+    result = run_create(sample_data, "--overwrite", tiny_model=tiny_model)
+    assert result.returncode == 2 and "not an image" in result.stderr and "Traceback" not in result.stderr
+    assert folder_bytes(dataset) == before
+    assert [p.name for p in datasets_dir.iterdir()] == [dataset.name]
+    # A complete new build replaces it.
+    (sample_data / "images" / "red_circle.png").write_bytes(good_png)
+    captions = json.loads((sample_data / "image_captions.json").read_text())
+    captions["images/red_circle.png"] = "a new caption"
+    (sample_data / "image_captions.json").write_text(json.dumps(captions))
+    result = run_create(sample_data, "--overwrite", tiny_model=tiny_model)
+    assert result.returncode == 0, result.stderr
+    assert "a new caption" in datasets.load_from_disk(str(dataset))["text"]
+    assert [p.name for p in datasets_dir.iterdir()] == [dataset.name]
+
+
+def test_image_changed_after_the_check_leaves_the_old_dataset_intact(sample_data):
+    """A file edited between the check and the write stops the write; the old dataset is untouched."""
+    from sdlora.captions import read_captions_json
+    from sdlora.dataset_builder import build_dataset, check_examples, pair_examples, write_dataset
+    from sdlora.errors import UserError
+
+    examples, problems = pair_examples(
+        sample_data / "images", read_captions_json(sample_data / "image_captions.json"), "captions"
+    )
+    output = sample_data / "datasets" / "mine"
+    build_dataset(examples, output, known_problems=problems)
+    before = folder_bytes(output)
+    checked, _ = check_examples(examples, known_problems=problems)
+    Image.new("RGB", (50, 50), "white").save(examples[-1].image_path)
+    with pytest.raises(UserError, match="changed while the dataset was being built"):
+        write_dataset(checked, output, overwrite=True)
+    assert folder_bytes(output) == before
+    assert [p.name for p in output.parent.iterdir()] == ["mine"]
+
+
+def test_every_image_is_stored_as_rgb_and_plain_rgb_files_keep_their_bytes(tmp_path, tiny_model):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    colour = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    opaque = np.full((40, 48), 255, dtype=np.uint8)
+    Image.fromarray(np.dstack([gray, opaque]), "LA").save(images / "la.png")
+    Image.fromarray(np.dstack([colour, opaque]), "RGBA").save(images / "rgba.png")
+    Image.fromarray(gray, "L").save(images / "gray.png")
+    Image.fromarray(colour).save(images / "photo.jpg", quality=90)
+    expected = {
+        "la.png": np.repeat(gray[..., None], 3, axis=2),
+        "rgba.png": colour,
+        "gray.png": np.repeat(gray[..., None], 3, axis=2),
+        "photo.jpg": np.asarray(Image.open(images / "photo.jpg")),
+    }
+    (tmp_path / "image_captions.json").write_text(json.dumps({f"images/{n}": n for n in expected}))
+    result = run_create(tmp_path, tiny_model=tiny_model)
+    assert result.returncode == 0, result.stderr
+    ds = datasets.load_from_disk(str(tmp_path / "datasets" / "Text2Image_example"))
+    for row in ds:
+        assert row["image"].mode == "RGB", row["text"]
+        assert np.array_equal(np.asarray(row["image"]), expected[row["text"]]), row["text"]
+    raw = {
+        row["text"]: row["image"]["bytes"] for row in ds.cast_column("image", datasets.Image(decode=False))
+    }
+    assert raw["photo.jpg"] == (images / "photo.jpg").read_bytes()  # no re-encoding of a plain JPEG
+    assert raw["la.png"] != (images / "la.png").read_bytes()
+
+
+def test_fingerprint_follows_the_content(sample_data, tiny_model):
+    """The trainer keys its caches and resume checks on the fingerprint: same content, same fingerprint."""
+
+    def fingerprint(name: str) -> str:
+        assert run_create(sample_data, "--dataset_name", name, tiny_model=tiny_model).returncode == 0
+        return datasets.load_from_disk(str(sample_data / "datasets" / name))._fingerprint
+
+    first, again = fingerprint("a"), fingerprint("b")
+    Image.new("RGB", (96, 96), "red").save(sample_data / "images" / "red_circle.png")
+    assert first == again != fingerprint("c")
+
+
+def test_dataset_folder_is_self_contained_and_no_cache_is_left(sample_data, tiny_model, tmp_path):
+    home = tmp_path / "hf_home"
+    env = {
+        "HF_HOME": str(home),
+        "HF_DATASETS_CACHE": str(home / "datasets"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+    }
+    result = run_create(sample_data, tiny_model=tiny_model, env=env)
+    assert result.returncode == 0, result.stderr
+    dataset = sample_data / "datasets" / "Text2Image_example"
+    names = sorted(p.name for p in dataset.iterdir())
+    assert names == ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"]
+    assert not (home / "datasets").exists() or not any((home / "datasets").iterdir())
+    assert [p.name for p in (sample_data / "datasets").iterdir()] == [dataset.name]  # no temporary folders
+    moved = tmp_path / "elsewhere"
+    dataset.rename(moved)  # nothing refers back to where it was written
+    ds = datasets.load_from_disk(str(moved))
+    assert len(ds) == 8 and ds[0]["image"].mode == "RGB"
+
+
+def peak_rss_mb(root: Path, tiny_model: Path) -> float:
+    """Peak resident memory of one create_dataset.py run in root, in MB (wait4: this child alone)."""
+    command = [
+        sys.executable,
+        str(REPO / "create_dataset.py"),
+        "--pretrained_model_name_or_path",
+        str(tiny_model),
+    ]
+    child = subprocess.Popen(
+        command, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE
+    )
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, stderr.decode()
+    return usage.ru_maxrss / 1024
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path, tiny_model):
+    """Images are streamed to disk: 600 images (70 MB of JPEG) need no more memory than 30."""
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for count in (30, 600):
+        root = tmp_path / str(count)
+        (root / "images").mkdir(parents=True)
+        for i in range(count):  # noise compresses badly: about 120 KB per JPEG
+            Image.fromarray(rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)).save(
+                root / "images" / f"{i}.jpg"
+            )
+        captions = {f"images/{i}.jpg": f"photo {i}" for i in range(count)}
+        (root / "image_captions.json").write_text(json.dumps(captions))
+        peaks[count] = peak_rss_mb(root, tiny_model)
+    # Holding the images in memory, as the builder once did, costs about twice their size: +160 MB here.
+    print(peaks)
+    # The builder that held every image in memory needed 296 MB more here (measured at commit cfcea6f).
+    assert peaks[600] - peaks[30] < 30, peaks
 
 
 def _break(kind: str, root: Path) -> str:
