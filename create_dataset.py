@@ -5,6 +5,8 @@
 
 Captions come from --captions_file (image_captions.json, or a metadata.jsonl); if it does not exist,
 from metadata.jsonl in --images_dir, else from kohya-style .txt files beside the images.
+With --push_to_hub the Hub is checked (online, token, dataset id) before any image is read, and a
+failed upload keeps the dataset on disk and prints the command that pushes it later.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hub_dataset_id", default=None, help="Hub dataset id (default: <user_name>/<dataset_name>)"
     )
     p.add_argument("--user_name", default=None, help="Hub user name, used when --hub_dataset_id is not given")
+    p.add_argument(
+        "--hub_token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.add_argument(
         "--skip_invalid", action="store_true", help="build from the valid pairs, skipping listed problems"
@@ -77,22 +82,35 @@ def load_tokenizer_and_resolution(args: argparse.Namespace):
         return None, args.resolution
 
 
-def push_dataset(checked: list[CheckedExample], output: Path, saved: bool, repo_id: str, background) -> None:
-    """Push the dataset saved at output, or one written to a temporary folder when it was not saved."""
-    import datasets
+def free_path(path: Path) -> Path:
+    """path if nothing is there, else the first free path-unpushed-N beside it: never replace a folder."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-unpushed-{n}"), n + 1
+    return candidate
 
+
+def push_without_saving(
+    checked: list[CheckedExample],
+    output: Path,
+    repo_id: str,
+    token: str | None,
+    background: tuple[int, int, int],
+) -> str:
+    """Write the dataset to a temporary folder beside output and push it; if the push fails, keep it on disk."""
     from sdlora.dataset_builder import write_dataset
+    from sdlora.hub import push_dataset_or_explain
 
-    if saved:
-        datasets.load_from_disk(str(output)).push_to_hub(repo_id)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        write_dataset(checked, Path(tmp) / output.name, background=background)
-        datasets.load_from_disk(str(Path(tmp) / output.name)).push_to_hub(repo_id)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", suffix=".push", dir=output.parent) as tmp:
+        staged = Path(tmp) / output.name
+        write_dataset(checked, staged, background=background)
+        return push_dataset_or_explain(staged, repo_id, token, keep_at=free_path(output))
 
 
 def main(args: argparse.Namespace) -> None:
     from sdlora.dataset_builder import check_examples, collect_captions, pair_examples, write_dataset
+    from sdlora.hub import check_hub_ready, push_dataset_or_explain
 
     output = Path(args.output_dir) / args.dataset_name
     if args.save_to_disk and output.exists() and not args.overwrite:
@@ -100,6 +118,11 @@ def main(args: argparse.Namespace) -> None:
             f"{output}: already exists; pass --overwrite to replace it or choose another --dataset_name"
         )
     background = parse_color(args.background)
+    repo_id = None
+    if args.push_to_hub:  # before any image is read: offline, logged out or a bad id costs one line
+        repo_id = check_hub_ready(
+            args.hub_dataset_id or f"{args.user_name}/{args.dataset_name}", args.hub_token, "dataset"
+        )
     images_dir = Path(args.images_dir)
     captions, source = collect_captions(images_dir, Path(args.captions_file) if args.captions_file else None)
     examples, problems = pair_examples(images_dir, captions, source)
@@ -113,10 +136,10 @@ def main(args: argparse.Namespace) -> None:
     if args.save_to_disk:
         write_dataset(checked, output, args.overwrite, background)
         print(f"saved {len(checked)} examples to {output}")
-    if args.push_to_hub:
-        repo_id = args.hub_dataset_id or f"{args.user_name}/{args.dataset_name}"
-        push_dataset(checked, output, args.save_to_disk, repo_id, background)
-        print(f"pushed to https://huggingface.co/datasets/{repo_id}")
+        if repo_id:
+            print(f"pushed to {push_dataset_or_explain(output, repo_id, args.hub_token)}")
+    elif repo_id:
+        print(f"pushed to {push_without_saving(checked, output, repo_id, args.hub_token, background)}")
 
 
 if __name__ == "__main__":
