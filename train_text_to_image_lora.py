@@ -443,11 +443,19 @@ class Run:
 
 def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
     """One optimizer step over the step's micro-batches; returns the summed loss, still on the device."""
+    from sdlora.faults import trace
     from sdlora.training import diffusion_loss, step_generator
 
     loss_sum = torch.zeros((), device=accelerator.device)
     for micro in range(len(step.micro_batches)):
         batch = next(batches)
+        trace(
+            accelerator.process_index,
+            "batch",
+            step=step.number,
+            epoch=step.epoch,
+            index=batch["index"].tolist(),
+        )
         gen = step_generator(args.seed, step.number, micro, accelerator.process_index, accelerator.device)
         last = micro == len(step.micro_batches) - 1  # gradients are all-reduced on the last micro-batch only
         with contextlib.ExitStack() as stack:
@@ -509,7 +517,7 @@ def train(args, accelerator, run: Run, steps, images, validate, clock) -> None:
     from tqdm.auto import tqdm
 
     from sdlora.data import collate
-    from sdlora.faults import maybe_kill
+    from sdlora.faults import maybe_kill, stop_requested
     from sdlora.training import StopRequest, agree, check_finite
 
     todo = steps[run.first_step :]
@@ -536,6 +544,8 @@ def train(args, accelerator, run: Run, steps, images, validate, clock) -> None:
                 loss = train_step(args, accelerator, run, step, batches)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step.number, bad_step)
             maybe_kill("step", step.number)  # tests only: a real SIGKILL at a chosen step
+            if stop_requested(step.number):  # tests only: what Ctrl-C does, inside a test's process
+                stop.signal = "SDLORA_STOP_AT"
             bar.update(1)
             stopping, bad_step = agree(accelerator, stop.signal is not None, bad_step)
             if step.number % args.logging_steps == 0 or step.number == args.max_train_steps:
@@ -640,6 +650,7 @@ def main(args: argparse.Namespace) -> None:
     from sdlora.cache import build_caches, text_hash
     from sdlora.checkpoints import compat_settings, earlier_run_checkpoints, resume
     from sdlora.data import BatchPlan, resolve_schedule
+    from sdlora.faults import trace
     from sdlora.lora import add_adapters, lora_parameters
     from sdlora.metadata import RunInfo
     from sdlora.models import load_frozen_model
@@ -706,8 +717,17 @@ def main(args: argparse.Namespace) -> None:
             config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
         )
     log_banner(args, accelerator, len(plan.indices), run.first_step)
+    trace(
+        accelerator.process_index,
+        "setup",
+        frozen_dtype=str(base.unet.conv_in.weight.dtype),
+        gradient_checkpointing=base.unet.is_gradient_checkpointing,
+        lora_dtype=str(run.params[0].dtype),
+        optimizer=type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
+    )
     validate = make_validator(args, accelerator, base, dtype, prompts, negatives)
     train(args, accelerator, run, steps, images, validate, clock)
+    trace(accelerator.process_index, "final", checksum=sum(p.double().sum().item() for p in run.params))
     accelerator.wait_for_everyone()
     save_outputs(
         args, accelerator, run, base, f"{len(plan.indices)} image-caption pairs", prompts, negatives, clock

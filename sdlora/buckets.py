@@ -90,8 +90,10 @@ def place(size: tuple[int, int], settings: BucketSettings, buckets: list[tuple[i
             return Placement(size, resized, (res, res), None)
         return Placement(size, resized, (res, res), ((resized[0] - res) // 2, (resized[1] - res) // 2))
     if settings.no_upscale and size[0] * size[1] <= res * res:
-        # The image's own size rounded down to the step: small images are never enlarged.
+        # The image at its own size, cropped to its size rounded down to the step (kohya's no_upscale).
         bucket = (max(step, size[0] // step * step), max(step, size[1] // step * step))
+        if bucket[0] <= size[0] and bucket[1] <= size[1]:
+            return Placement(size, size, bucket, ((size[0] - bucket[0]) // 2, (size[1] - bucket[1]) // 2))
     elif settings.no_upscale:
         scale = math.sqrt(res * res / (size[0] * size[1]))
         scaled = (size[0] * scale, size[1] * scale)

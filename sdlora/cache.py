@@ -13,7 +13,6 @@ processes each process encodes its own shards and all of them read the result.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .faults import trace
 from .fileio import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,10 @@ class ShardReader:
         return torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def __del__(self):
-        with contextlib.suppress(AttributeError, OSError):
+        try:  # noqa: SIM105 - contextlib may already be gone when this runs at interpreter exit
             os.close(self.fd)
+        except (AttributeError, OSError, TypeError):
+            pass
 
 
 class TensorStore:
@@ -130,6 +132,9 @@ class TensorStore:
         for k in todo:
             items = encode(list(range(k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, self.n))))
             self._write(k, items)
+            trace(rank, "encoded", cache=self.folder.name, shard=k)
+        if todo:
+            logger.info("cache written to %s", self.folder)
         barrier()
         if self.in_memory:
             self.items = [self._read(i) for i in range(self.n)]

@@ -70,7 +70,7 @@ class CaptionControls:
         counts: Counter = Counter()
         for raw in raw_captions:
             for text in options(raw):
-                counts.update(self._tags(self.decorate(str(text))))
+                counts.update(self._tags(self.prefix) + self._tags(str(text)) + self._tags(self.suffix))
         return dict(counts.most_common())
 
 

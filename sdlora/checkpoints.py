@@ -128,23 +128,33 @@ def save_checkpoint(
     """Write checkpoint-<step> atomically: the LoRA file(s) by `write_lora` (the same writer as the final
     output), the optimizer state, and `state` (the loop's JSON state) with the step, schedule and scaler.
     An existing folder for the same step is replaced whole."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     output_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(output_dir, checkpoint_bytes(params))
     final = output_dir / f"checkpoint-{step}"
-    with atomic_directory(final, overwrite=True) as tmp:
-        write_lora(tmp)
-        maybe_kill("save", step)  # tests: die with the folder half-written
-        tensors, meta = _optimizer_to_files(optimizer.state_dict())
-        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"meta": json.dumps(meta)})
-        full = {
-            "global_step": step,
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            **state,
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(full, indent=2))
+    try:
+        with atomic_directory(final, overwrite=True) as tmp:
+            write_lora(tmp)
+            maybe_kill("save", step)  # tests: die with the folder half-written
+            tensors, meta = _optimizer_to_files(optimizer.state_dict())
+            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"meta": json.dumps(meta)})
+            full = {
+                "global_step": step,
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                **state,
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(full, indent=2))
+    except (
+        OSError,
+        SafetensorError,
+    ) as e:  # the disk filled up during the write: the folder was removed whole
+        raise UserError(
+            f"{final}: could not be written ({getattr(e, 'strerror', None) or e}); free some space or pass another --output_dir. "
+            "Nothing was deleted."
+        ) from None
     return final
 
 

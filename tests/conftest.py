@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -10,9 +11,17 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per test process, inherited by the scripts tests start: runs that tests compare bit for bit
+# must use the same thread count (matmul reductions are split by thread), and with pytest-xdist's two
+# workers on two cores this keeps the machine busy without oversubscribing it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -63,24 +72,18 @@ def run_script(args: list[str], cwd: Path | None = None, timeout: int = 600, env
     )
 
 
-def train_command(
-    tiny_model: Path, dataset: Path, output_dir: Path, *extra: str, launch: tuple[str, ...] = ()
-) -> list[str]:
-    """`accelerate launch --quiet --cpu train_text_to_image_lora.py` on the tiny model, small and fast.
+def free_port() -> int:
+    """A free TCP port, so that runs of several processes in parallel tests do not meet on accelerate's default."""
+    import socket
 
-    (--quiet: accelerate's launcher then exits 1 on a failed run instead of adding its own traceback.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(tiny_model: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The trainer's arguments on the tiny model, small and fast."""
     return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--quiet",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        *(launch or ("--num_processes", "1", "--mixed_precision", "no")),
-        str(REPO / "train_text_to_image_lora.py"),
         "--pretrained_model_name_or_path",
         str(tiny_model),
         "--dataset_from_disk",
@@ -100,3 +103,138 @@ def train_command(
         "1",
         *extra,
     ]
+
+
+def train_command(
+    tiny_model: Path, dataset: Path, output_dir: Path, *extra: str, launch: tuple[str, ...] = ()
+) -> list[str]:
+    """`accelerate launch --quiet --cpu train_text_to_image_lora.py` on the tiny model, as users run it.
+
+    (--quiet: accelerate's launcher then exits 1 on a failed run instead of adding its own traceback.)"""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--quiet",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *(launch or ("--num_processes", "1", "--mixed_precision", "no")),
+        str(REPO / "train_text_to_image_lora.py"),
+        *train_args(tiny_model, dataset, output_dir, *extra),
+    ]
+
+
+def script_command(tiny_model: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The script run directly (no launcher): for tests that kill or signal the training process itself."""
+    return [
+        sys.executable,
+        str(REPO / "train_text_to_image_lora.py"),
+        *train_args(tiny_model, dataset, output_dir, *extra),
+    ]
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stderr: str
+    stdout: str = ""
+
+
+def train(tiny_model: Path, dataset: Path, output_dir: Path, *extra: str, env: dict | None = None) -> Result:
+    """Run the trainer inside this test process, as `python train_text_to_image_lora.py ...` would: the
+    same argument parsing, main() and exit codes, without the 5 s of imports a new process costs.
+
+    For what a separate process is needed for (a launcher, several processes, kills and signals), use
+    train_command or script_command with run_script."""
+    return run_trainer(train_args(tiny_model, dataset, output_dir, *extra), env)
+
+
+def run_trainer(argv: list[str], env: dict | None = None) -> Result:
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_text_to_image_lora as script
+    from sdlora.errors import run_cli
+
+    err, out = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    code = 0
+    try:
+        with (
+            pytest.MonkeyPatch.context() as mp,
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(out),
+        ):
+            for key, value in (env or {}).items():
+                mp.setenv(key, value)
+            try:
+                run_cli(script.main, script.parse_args(argv))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # noqa: BLE001 - what a crashed process would show
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Result(code, err.getvalue(), out.getvalue())
+
+
+def read_trace(folder: Path) -> dict[int, list[dict]]:
+    """What each process recorded with SDLORA_TRACE_DIR=folder (sdlora.faults.trace), by process."""
+    import json
+
+    return {
+        int(path.stem.split("-")[1]): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(folder.glob("rank-*.jsonl"))
+    }
+
+
+def lora_weights(folder: Path, name: str = "pytorch_lora_weights.safetensors") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / name))
+
+
+def lora_header(folder: Path, name: str = "pytorch_lora_weights.safetensors") -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / name), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Bit-identical LoRA weights in two output (or checkpoint) folders."""
+    import torch
+
+    wa, wb = lora_weights(a), lora_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="session")
+def rich_dataset(tmp_path_factory, tiny_dataset) -> Path:
+    """The tiny dataset plus an `alt` caption column and a list-valued `tags` column (as Hub datasets have)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(tiny_dataset))
+    ds = ds.add_column("alt", [f"an other caption number {i}" for i in range(len(ds))])
+    ds = ds.add_column("tags", [[t, f"{t}, simple shape"] for t in ds["text"]])
+    out = tmp_path_factory.mktemp("rich") / "dataset"
+    ds.save_to_disk(str(out))
+    return out

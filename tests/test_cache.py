@@ -1,15 +1,14 @@
-"""Cache keys: any change to data, encoder weights or preprocessing gives a new key, never a stale cache."""
+"""Caches: any change to data, captions, encoder weights or preprocessing gives a new key, and the disk
+cache reads back exactly what the memory cache holds, in shards any number of processes share."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdlora.cache import latent_cache_key, text_cache_key
+from sdlora.cache import SHARD_SIZE, ShardReader, TensorStore, latent_cache_key, text_cache_key
 
 
 @pytest.fixture(scope="module")
@@ -20,39 +19,123 @@ def parts(tiny_model):
     return vae, text, tokenizer
 
 
-def _args(**changes):
+def settings(**changes):
     base = dict(
-        resolution=64,
-        center_crop=True,
-        random_flip=True,
-        image_interpolation_mode="lanczos",
-        background_rgb=(255, 255, 255),
+        buckets={
+            "mode": "bucket",
+            "resolution": 64,
+            "step": 16,
+            "min_reso": 32,
+            "max_reso": 128,
+            "no_upscale": False,
+        },
+        flip=True,
+        interpolation="lanczos",
+        background=(255, 255, 255),
     )
-    return SimpleNamespace(**{**base, **changes})
+    return {**base, **changes}
 
 
 def test_latent_key_changes_with_every_input(parts):
     vae = parts[0]
-    key = latent_cache_key("data-a", vae, _args(), torch.float32)
-    assert key == latent_cache_key("data-a", vae, _args(), torch.float32)
+    key = latent_cache_key("data-a", vae, settings(), torch.float32)
+    assert key == latent_cache_key("data-a", vae, settings(), torch.float32)
+    other_buckets = {**settings()["buckets"], "step": 32}
     changed = [
-        latent_cache_key("data-b", vae, _args(), torch.float32),
-        latent_cache_key("data-a", vae, _args(resolution=128), torch.float32),
-        latent_cache_key("data-a", vae, _args(center_crop=False), torch.float32),
-        latent_cache_key("data-a", vae, _args(random_flip=False), torch.float32),
-        latent_cache_key("data-a", vae, _args(image_interpolation_mode="bilinear"), torch.float32),
-        latent_cache_key("data-a", vae, _args(), torch.bfloat16),
+        latent_cache_key("data-b", vae, settings(), torch.float32),
+        latent_cache_key("data-a", vae, settings(buckets=other_buckets), torch.float32),
+        latent_cache_key("data-a", vae, settings(buckets={**other_buckets, "mode": "center"}), torch.float32),
+        latent_cache_key("data-a", vae, settings(flip=False), torch.float32),
+        latent_cache_key("data-a", vae, settings(interpolation="bilinear"), torch.float32),
+        latent_cache_key("data-a", vae, settings(background=(0, 0, 0)), torch.float32),
+        latent_cache_key("data-a", vae, settings(), torch.bfloat16),
     ]
     with torch.no_grad():
         vae.decoder.conv_out.bias[0] += 1e-3  # a fine-tuned VAE differs in a few weights only
-    changed.append(latent_cache_key("data-a", vae, _args(), torch.float32))
+    changed.append(latent_cache_key("data-a", vae, settings(), torch.float32))
     assert key not in changed and len(set(changed)) == len(changed)
 
 
-def test_text_key_changes_with_captions_and_encoder(parts):
+def test_text_key_covers_the_captions_encoded_the_tokenizer_and_the_encoder(parts):
     _, text, tokenizer = parts
-    key = text_cache_key("data-a", text, tokenizer, torch.float32)
-    assert key != text_cache_key("data-b", text, tokenizer, torch.float32)
+    key = text_cache_key(["a cat", "a dog"], [text], [tokenizer], torch.float32)
+    # Another caption column of the same dataset: same fingerprint, other captions, so another key.
+    assert key != text_cache_key(["a cat", "a red dog"], [text], [tokenizer], torch.float32)
+    tokenizer.model_max_length = 60
+    assert key != text_cache_key(["a cat", "a dog"], [text], [tokenizer], torch.float32)
+    tokenizer.model_max_length = 77
+    assert key == text_cache_key(["a cat", "a dog"], [text], [tokenizer], torch.float32)
     with torch.no_grad():
         text.get_parameter("final_layer_norm.weight")[0] += 1e-3
-    assert key != text_cache_key("data-a", text, tokenizer, torch.float32)
+    assert key != text_cache_key(["a cat", "a dog"], [text], [tokenizer], torch.float32)
+
+
+def entries(indices):
+    """Items of different shapes, as bucketed latents are."""
+    return [{"x": torch.full((2, 1 + i % 3, 4), float(i)), "n": torch.tensor([i, -i])} for i in indices]
+
+
+def test_disk_store_reads_back_what_the_memory_store_holds(tmp_path):
+    n = SHARD_SIZE + 10  # two shards, the second partial
+    memory = TensorStore(n, ["x", "n"], None, True)
+    memory.fill(entries, 0, 1, lambda: None)
+    disk = TensorStore(n, ["x", "n"], tmp_path / "c", in_memory=False)
+    disk.fill(entries, 0, 1, lambda: None)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    for i in (0, 5, SHARD_SIZE, n - 1):
+        assert all(torch.equal(memory[i][k], disk[i][k]) for k in ("x", "n"))
+
+
+def test_each_process_writes_its_own_shards_and_all_read_all(tmp_path):
+    import threading
+
+    n, world, calls = 3 * SHARD_SIZE, 2, {0: [], 1: []}
+    barrier = threading.Barrier(world)
+
+    def process(rank, store):
+        def encode(indices):
+            calls[rank].append((indices[0], len(indices)))
+            return entries(indices)
+
+        store.fill(encode, rank, world, barrier.wait)
+
+    # Two processes (threads here) share the folder and meet at the barrier, as accelerate's would.
+    stores = [TensorStore(n, ["x", "n"], tmp_path, in_memory=True) for _ in range(world)]
+    threads = [threading.Thread(target=process, args=(r, stores[r])) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert calls == {0: [(0, SHARD_SIZE), (2 * SHARD_SIZE, SHARD_SIZE)], 1: [(SHARD_SIZE, SHARD_SIZE)]}
+    for store in stores:
+        assert all(torch.equal(store[i]["x"], entries([i])[0]["x"]) for i in (0, SHARD_SIZE, n - 1))
+    # A resumed run finds every shard written and encodes nothing.
+    again = TensorStore(n, ["x", "n"], tmp_path, in_memory=False)
+    again.fill(lambda indices: pytest.fail("re-encoded"), 0, 1, lambda: None)
+    assert torch.equal(again[n - 1]["n"], entries([n - 1])[0]["n"])
+
+
+def resident_mb() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+
+
+def test_disk_store_reads_on_demand_without_growing_memory(tmp_path):
+    big = lambda indices: [{"x": torch.full((256, 256), float(i))} for i in indices]  # noqa: E731 - 256 KB each
+    store = TensorStore(SHARD_SIZE, ["x"], tmp_path, in_memory=False)
+    store.fill(big, 0, 1, lambda: None)
+    before = resident_mb()
+    total = sum(float(store[i]["x"][0, 0]) for i in range(SHARD_SIZE))  # reads 64 MB, one item at a time
+    # (a memory-mapped read would keep most of the 64 MB resident: measured 55 MB with safe_open)
+    assert total == sum(range(SHARD_SIZE)) and resident_mb() - before < 16
+
+
+def test_shard_reader_reads_safetensors_written_by_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).to(torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "f.safetensors"), metadata={"k": "v"})
+    reader = ShardReader(tmp_path / "f.safetensors")
+    assert all(torch.equal(reader.get(k), v) for k, v in tensors.items())

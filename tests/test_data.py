@@ -1,31 +1,34 @@
-"""Training data: preprocessing without torchvision, and a batch plan that is a pure function of the seed."""
+"""Training data: pictures without torchvision, a batch plan that is a pure function of the seed, and
+image folders read whole whatever their file names."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from sdlora.data import augmentation, epoch_batches, plan_steps, resize_and_crop, steps_per_epoch, to_tensor
+from sdlora.buckets import BucketSettings, place
+from sdlora.data import BatchPlan, load_image_folder, picture, to_tensor
+from sdlora.errors import UserError
 
 
-def test_resize_short_side_then_crop_square():
+def test_picture_resizes_to_cover_then_crops_the_bucket():
     image = Image.new("RGB", (200, 100))
-    out = resize_and_crop(image, 64, center_crop=True, rng=augmentation(0, 0, 0))
-    assert out.size == (64, 64)
-    small = resize_and_crop(Image.new("RGB", (30, 40)), 64, center_crop=False, rng=augmentation(0, 0, 0))
-    assert small.size == (64, 64)  # upscaled
+    p = place(image.size, BucketSettings("center", 64), [])
+    assert picture(image, p, p.crop).size == (64, 64)
+    small = place((30, 40), BucketSettings("center", 64), [])
+    assert picture(Image.new("RGB", (30, 40)), small, small.crop).size == (64, 64)  # upscaled
 
 
-def test_center_crop_takes_the_middle_and_random_crop_varies_by_epoch():
+def test_center_crop_takes_the_middle():
     array = np.zeros((64, 192, 3), dtype=np.uint8)
     array[:, 64:128] = 255  # a white middle third
     image = Image.fromarray(array)
-    assert np.asarray(resize_and_crop(image, 64, True, augmentation(0, 0, 0))).min() == 255
-    crops = {resize_and_crop(image, 64, False, augmentation(0, epoch, 3)).tobytes() for epoch in range(8)}
-    assert len(crops) > 1
+    p = place(image.size, BucketSettings("center", 64), [])
+    assert np.asarray(picture(image, p, p.crop)).min() == 255
 
 
 def test_to_tensor_range_and_flip():
@@ -36,23 +39,54 @@ def test_to_tensor_range_and_flip():
     assert torch.equal(to_tensor(Image.fromarray(array), flip=True), t.flip(-1))
 
 
-def test_batches_are_seeded_even_across_processes_and_cover_the_data():
-    one = epoch_batches(10, 2, seed=1, epoch=0, rank=0, world=1)
-    assert one == epoch_batches(10, 2, seed=1, epoch=0, rank=0, world=1)
-    assert one != epoch_batches(10, 2, seed=1, epoch=1, rank=0, world=1)
+def plan(n=10, batch_size=2, accumulation=1, buckets=None):
+    return BatchPlan(list(range(n)), buckets or [(64, 64)] * n, batch_size, accumulation, seed=1)
+
+
+def test_batches_are_seeded_and_cover_the_data_once_per_epoch():
+    one = plan().epoch(0, 0, 1)
+    assert one == plan().epoch(0, 0, 1) and one != plan().epoch(1, 0, 1)
     assert sorted(i for b in one for i in b) == list(range(10))
-    a, b = (epoch_batches(7, 2, seed=1, epoch=0, rank=r, world=2) for r in (0, 1))
-    assert len(a) == len(b) and all(len(x) == 2 for x in a + b)  # padded by wrap-around, like even_batches
-    assert set(i for x in a + b for i in x) == set(range(7))
+    a, b = plan(7).epoch(0, 0, 2), plan(7).epoch(0, 1, 2)
+    assert len(a) == len(b)  # every process gets as many batches: no process waits alone in a collective
+    assert sorted(i for x in a + b for i in x) == list(range(7))  # and no image twice
 
 
 def test_plan_respects_accumulation_epochs_and_total():
-    args = SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=3, seed=0)
-    assert steps_per_epoch(8, 2, 1, 3) == 2  # 4 micro-batches: a step of 3 and a step of 1
-    steps = plan_steps(8, args, rank=0, world=1, total_steps=5)
+    p = plan(8, 2, 3)
+    assert p.steps_per_epoch(1) == 2  # 4 micro-batches: a step of 3 and a step of 1
+    steps = p.steps(rank=0, world=1, total_steps=5)
     assert [s.number for s in steps] == [1, 2, 3, 4, 5]
     assert [len(s.micro_batches) for s in steps] == [3, 1, 3, 1, 3]
-    assert [s.epoch for s in steps] == [0, 0, 1, 1, 2] and [s.last_of_epoch for s in steps[:4]] == [
-        False,
-        True,
-    ] * 2
+    assert [s.epoch for s in steps] == [0, 0, 1, 1, 2]
+    assert [s.last_of_epoch for s in steps[:4]] == [False, True, False, True]
+
+
+def test_plan_of_held_back_examples_trains_only_on_the_rest():
+    p = BatchPlan([0, 2, 5, 7], [(64, 64)] * 4, 2, 1, seed=0)
+    assert sorted(i for b in p.epoch(0, 0, 1) for i in b) == [0, 2, 5, 7]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["COCO_val2014_000001.jpg", "COCO_val2014_000002.jpg"],  # imagefolder would make a 'validation' split
+        ["train_0.jpg", "test_1.jpg", "photo.jpg"],  # would split and lose metadata.jsonl in 'test'
+        ["val.jpg", "sub/train.jpg", "sub/other.png"],
+    ],
+)
+def test_image_folder_is_one_training_split_whatever_the_file_names(tmp_path, names):
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names)
+    )
+    dataset = load_image_folder(str(tmp_path))
+    assert sorted(dataset["text"]) == sorted(names)
+
+
+def test_image_folder_without_captions_is_refused_by_name(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(UserError, match="no metadata.jsonl"):
+        load_image_folder(str(tmp_path))
