@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .families import FAMILIES
 from .fileio import atomic_file
 from .kohya import (
     LORA_A,
@@ -44,9 +45,6 @@ from .kohya import (
 from .lora_files import ADAPTER_METADATA_KEY, find_lora_file, read_lora_file
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# kohya's ss_base_model_version for each family (sd-scripts' model_util / sdxl_train_util)
-_BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # Cross-attention width of the real models (the UNet's attn2.to_k input): tells a file's family by shape.
 _CROSS_ATTENTION_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Header keys that describe one file's tensors; recomputed when writing, so not carried from a file read.
@@ -109,11 +107,12 @@ def _float32(value: float) -> float:
 
 
 def family_of_unet_config(config) -> str:
-    """sdxl (added text_time conditioning), sd2 (linear transformer projections) or sd1."""
+    """sdxl (added text_time conditioning), sd2 (linear transformer projections or 1024-wide
+    cross-attention, as families.detect_family tells a model folder's) or sd1."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     if get("addition_embed_type") == "text_time":
         return "sdxl"
-    return "sd2" if get("use_linear_projection", False) else "sd1"
+    return "sd2" if get("use_linear_projection", False) or get("cross_attention_dim") == 1024 else "sd1"
 
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -227,7 +226,8 @@ def adapter_config(weights: LoraWeights, part: str) -> dict:
 def _with_family(weights: LoraWeights) -> dict[str, str]:
     metadata = dict(weights.metadata)
     if weights.family and "ss_base_model_version" not in metadata:
-        metadata["ss_base_model_version"] = _BASE_MODEL_VERSIONS[weights.family]
+        # (the trainer passes its own, which knows SD 2's prediction type: sd_v2_v for v-prediction)
+        metadata["ss_base_model_version"] = FAMILIES[weights.family].base_model_version("epsilon")
     return metadata
 
 
@@ -244,14 +244,13 @@ def write_diffusers(weights: LoraWeights, path: str | Path) -> Path:
     diffusers' own save_lora_weights writes it first, so keys and `lora_adapter_metadata` are as diffusers
     expects; the metadata is added to that header and the file appears atomically.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = Path(path)
     if "text_encoder_2" in weights.parts and weights.family not in (None, "sdxl"):
         raise ValueError(f"a second text encoder's LoRA in a {weights.family} LoRA")
-    pipeline = StableDiffusionXLPipeline if weights.sdxl else StableDiffusionPipeline
+    pipeline = FAMILIES["sdxl" if weights.sdxl else weights.family or "sd1"].pipeline_class
     kwargs = {}
     for part, tensors in weights.parts.items():
         if part != "unet":  # see _TE_MAGNITUDE
@@ -345,6 +344,8 @@ def read_lora(path: str | Path, sgm_layout: SgmLayout | None = None) -> LoraWeig
         sdxl_names = "text_encoder_2" in parts
     family = "sdxl" if sdxl_names else family_from_metadata(header) or _family_from_shapes(parts)
     metadata = {k: v for k, v in header.items() if k not in _DERIVED_KEYS}
+    order = [p for p in PARTS if p in parts]  # the UNet first, whatever order the file's keys sort in
+    parts, alphas = {p: parts[p] for p in order}, {p: alphas[p] for p in order}
     return LoraWeights(parts, alphas, family, metadata, sgm_layout)
 
 
