@@ -25,25 +25,26 @@ import torch
 LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
 MAGNITUDE = ".lora_magnitude_vector"
-PEFT_SUFFIXES = (LORA_A, LORA_B, MAGNITUDE)
 
 _PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 _SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-_PART_OF_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-_PART_OF_PREFIX["lora_te2_"] = "text_encoder_2"
-_KOHYA_SUFFIXES = {".lora_down.weight": LORA_A, ".lora_up.weight": LORA_B, ".dora_scale": MAGNITUDE}
+_PART_OF_PREFIX = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 
 # Words of module names that hold an underscore: kohya's names turn every dot into one, so these tell
-# which underscores were there before (longest first).
-_COMPOUNDS = sorted(
+# which underscores were there before.
+_COMPOUNDS = set(
     """time_emb_proj final_layer_norm down_blocks up_blocks mid_block transformer_blocks proj_in proj_out
     to_q to_k to_v to_out conv_shortcut conv_in conv_out time_embedding linear_1 linear_2 add_embedding
     input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection time_embed
     label_emb text_model self_attn q_proj k_proj v_proj out_proj text_projection layer_norm1 layer_norm2
-    token_embedding position_embedding""".split(),
-    key=lambda w: -w.count("_"),
+    token_embedding position_embedding""".split()
 )
-_COMPOUND_SET = set(_COMPOUNDS)
 
 # SGM names of what lies outside the numbered blocks, and of a ResNet block's layers.
 _SGM_TOP = {
@@ -77,8 +78,7 @@ class SgmLayout:
 
     @classmethod
     def from_unet_config(cls, config) -> SgmLayout:
-        layers = config["layers_per_block"] if isinstance(config, dict) else config.layers_per_block
-        types = config["up_block_types"] if isinstance(config, dict) else config.up_block_types
+        layers, types = config["layers_per_block"], config["up_block_types"]  # (a UNet's config is a dict)
         if not isinstance(layers, int):  # per-level counts: SGM numbering (and diffusers' reader) assume one
             if len(set(layers)) != 1:
                 raise KohyaFormatError(
@@ -102,7 +102,7 @@ def _dotted(underscored: str) -> str:
     out, i = [], 0
     while i < len(words):
         for n in (3, 2):
-            if "_".join(words[i : i + n]) in _COMPOUND_SET:
+            if "_".join(words[i : i + n]) in _COMPOUNDS:
                 out.append("_".join(words[i : i + n]))
                 i += n
                 break
@@ -124,8 +124,11 @@ def _to_sgm(module: str, layout: SgmLayout) -> str:
         if kind == "resnets":
             rest = _SGM_RESNET.get(rest, rest)
         if side == "down":
-            if kind == "downsamplers":  # input_blocks.0 is conv_in: levels start at 1
-                return f"input_blocks.{1 + block * span + layout.layers_per_block}.0.{rest.replace('conv', 'op')}"
+            if (
+                kind == "downsamplers"
+            ):  # input_blocks.0 is conv_in: levels start at 1; SGM calls the conv "op"
+                rest = "op" if rest == "conv" else rest
+                return f"input_blocks.{1 + block * span + layout.layers_per_block}.0.{rest}"
             return f"input_blocks.{1 + block * span + layer}.{int(kind == 'attentions')}.{rest}"
         if kind == "upsamplers":  # after the ResNet, and after the attention where the level has one
             inner = 2 if block in layout.up_blocks_with_attention else 1
@@ -220,7 +223,7 @@ def from_kohya(
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name, dot, suffix = key.partition(".")
-        if f".{suffix}" not in (*_KOHYA_SUFFIXES, ".alpha"):
+        if f".{suffix}" not in _KOHYA_SUFFIXES:
             what = "LoCon with Tucker decomposition (lora_mid)" if "lora_mid" in suffix else f"tensor {key!r}"
             raise KohyaFormatError(f"{what} is not a plain LoRA/LoCon/DoRA tensor (LyCORIS LoHa/LoKr?)")
         grouped.setdefault(name, {})[f".{suffix}"] = tensor

@@ -47,9 +47,23 @@ from .lora_files import ADAPTER_METADATA_KEY, find_lora_file, read_lora_file
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 # Cross-attention width of the real models (the UNet's attn2.to_k input): tells a file's family by shape.
 _CROSS_ATTENTION_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Key prefixes only SDXL's kohya files have: two text encoders, and the SGM UNet's blocks.
+_SDXL_KOHYA_PREFIXES = (
+    "lora_te1_",
+    "lora_te2_",
+    "lora_unet_input_blocks",
+    "lora_unet_middle_block",
+    "lora_unet_output_blocks",
+)
 # Header keys that describe one file's tensors; recomputed when writing, so not carried from a file read.
-_DERIVED_KEYS = {"format", ADAPTER_METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha"}
-_DERIVED_KEYS.add("ss_network_args")
+_DERIVED_KEYS = {
+    "format",
+    ADAPTER_METADATA_KEY,
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+}
 
 
 @dataclass
@@ -109,10 +123,10 @@ def _float32(value: float) -> float:
 def family_of_unet_config(config) -> str:
     """sdxl (added text_time conditioning), sd2 (linear transformer projections or 1024-wide
     cross-attention, as families.detect_family tells a model folder's) or sd1."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    if get("addition_embed_type") == "text_time":
+    if config.get("addition_embed_type") == "text_time":  # (a UNet's config is a dict)
         return "sdxl"
-    return "sd2" if get("use_linear_projection", False) or get("cross_attention_dim") == 1024 else "sd1"
+    linear = config.get("use_linear_projection", False)
+    return "sd2" if linear or config.get("cross_attention_dim") == 1024 else "sd1"
 
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -170,6 +184,7 @@ def weights_from_models(
     for part, model in models.items():
         if part not in PARTS:
             raise ValueError(f"model part {part!r}: use one of {', '.join(PARTS)}")
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         module_alphas = {}
@@ -333,12 +348,7 @@ def read_lora(path: str | Path, sgm_layout: SgmLayout | None = None) -> LoraWeig
             parts, alphas = from_kohya(lora.state_dict, sgm_layout or SDXL_LAYOUT)
         except KohyaFormatError as e:
             raise UserError(f"{lora.path}: {e}") from None
-        sdxl_names = any(
-            k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks")) for k in lora.state_dict
-        )
-        sdxl_names = sdxl_names or any(
-            k.startswith(("lora_unet_middle_block", "lora_unet_output_blocks")) for k in lora.state_dict
-        )
+        sdxl_names = any(k.startswith(_SDXL_KOHYA_PREFIXES) for k in lora.state_dict)
     else:
         parts, alphas = _from_diffusers(lora.path, lora.state_dict, header)
         sdxl_names = "text_encoder_2" in parts

@@ -73,7 +73,7 @@ def image(pipe, **kwargs) -> np.ndarray:
 
 def adapted_models(pipe, layers: str, variant: str, seed: int = 0) -> dict[str, torch.nn.Module]:
     """Copies of the pipeline's UNet (and text encoders) with a peft adapter of random, non-zero weights."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
 
     dora = variant == "dora"
     conv = {name: CONV_RANK for name in ("conv1", "conv2", "conv")} if layers == "all" else {}
@@ -94,9 +94,9 @@ def adapted_models(pipe, layers: str, variant: str, seed: int = 0) -> dict[str, 
     for part in TEXT_ENCODERS if variant != "unet" else ():
         if getattr(pipe, part, None) is not None:
             encoder = copy.deepcopy(getattr(pipe, part))
-            config = LoraConfig(r=RANK, lora_alpha=TE_ALPHA, target_modules=TE_LAYERS[layers], use_dora=dora)
-            # transformers 5.24's add_adapter demands peft >= 0.22, which is not released: inject with peft
-            inject_adapter_in_model(config, encoder)
+            encoder.add_adapter(
+                LoraConfig(r=RANK, lora_alpha=TE_ALPHA, target_modules=TE_LAYERS[layers], use_dora=dora)
+            )
             models[part] = encoder
     generator = torch.Generator().manual_seed(seed + 1)
     for model in models.values():
