@@ -26,7 +26,9 @@ import torch
 
 from .checkpoints import list_checkpoints
 from .errors import UserError
+from .kohya import SgmLayout
 from .lora import LORA_WEIGHT_NAME
+from .lora_weights import LoraWeights, weights_from_file
 
 OLD_LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"  # what the original toolkit wrote
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -256,3 +258,25 @@ def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLor
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{lora.path}: diffusers could not load this LoRA ({reason})") from None
     return LoadedLora(lora.path, lora.format, layers)
+
+
+def read_header(path: str | Path) -> dict[str, str]:
+    """A .safetensors file's header metadata (ss_*, modelspec.*, lora_adapter_metadata); {} for other files."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
+
+
+def read_lora(path: str | Path, sgm_layout: SgmLayout | None = None) -> LoraWeights:
+    """Any LoRA file or folder (ours, kohya/A1111 for SD 1.x/2.x/SDXL, the old .bin) as format-independent
+    LoraWeights: peft-named tensors, every module's alpha, the family when it can be told, the header.
+
+    kohya's SDXL block numbers are read with `sgm_layout` (kohya.SgmLayout; SDXL's own when None).
+    """
+    lora = read_lora_file(find_lora_file(path))
+    header = read_header(lora.path)
+    return weights_from_file(lora.path, lora.state_dict, header, lora.format == "kohya", sgm_layout)

@@ -8,7 +8,7 @@
     python -m sdlora.lora_tools merge a.safetensors:0.7 b.safetensors:0.5 --output ab.safetensors
     python -m sdlora.lora_tools fuse --base_model tiny --lora output/tiny-lora --scale 0.8 --output models/tiny-fused
 
-Every command reads LoRAs through one reader (sdlora.lora_weights.read_lora) and writes through the same
+Every command reads LoRAs through one reader (sdlora.lora_files.read_lora) and writes through the same
 writers as the trainer. Outputs are written atomically and never replace an existing file without
 --overwrite. More: docs/lora_tools.md.
 """
@@ -29,10 +29,9 @@ from .errors import UserError, run_cli
 from .families import FAMILIES, detect_family
 from .kohya import LORA_A, LORA_B, MAGNITUDE, SDXL_LAYOUT, is_conv3, kohya_module_name
 from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
-from .lora_files import find_lora_file, lora_format
+from .lora_files import find_lora_file, lora_format, read_lora
 from .lora_weights import (
     LoraWeights,
-    read_lora,
     write_diffusers,
     write_kohya,
 )

@@ -8,7 +8,7 @@ family when known, and header metadata (`ss_*`, `modelspec.*`) carried into the 
     weights = weights_from_models({"unet": unet, "text_encoder": text_encoder}, metadata={...})
     write_diffusers(weights, out / "pytorch_lora_weights.safetensors")  # pipe.load_lora_weights(out)
     write_kohya(weights, out / "pytorch_lora_weights_kohya.safetensors")  # A1111, ComfyUI
-    weights = read_lora(any_lora_file)  # ours or kohya/A1111, SD 1.x / 2.x / SDXL
+    weights = sdlora.lora_files.read_lora(any_lora_file)  # ours or kohya/A1111, SD 1.x / 2.x / SDXL
 
 Text encoder modules are kept under transformers' full CLIP paths (`text_model.encoder.layers.0...`), as
 kohya names them and older transformers built them; diffusers drops the `text_model.` root when loading
@@ -42,9 +42,10 @@ from .kohya import (
     network_metadata,
     to_kohya,
 )
-from .lora_files import ADAPTER_METADATA_KEY, find_lora_file, read_lora_file
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
+# diffusers' header key for the adapter configs (loaders.lora_base.LORA_ADAPTER_METADATA_KEY)
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # Cross-attention width of the real models (the UNet's attn2.to_k input): tells a file's family by shape.
 _CROSS_ATTENTION_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Key prefixes only SDXL's kohya files have: two text encoders, and the SGM UNet's blocks.
@@ -292,7 +293,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _from_diffusers(path: Path, state: dict[str, torch.Tensor], header: dict[str, str]):
+def _from_diffusers(path: str | Path, state: dict[str, torch.Tensor], header: dict[str, str]):
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
@@ -336,36 +337,32 @@ def _from_diffusers(path: Path, state: dict[str, torch.Tensor], header: dict[str
     return parts, alphas
 
 
-def read_lora(path: str | Path, sgm_layout: SgmLayout | None = None) -> LoraWeights:
-    """Read a LoRA file (ours, or kohya/A1111 for SD 1.x/2.x/SDXL) or a folder holding one; UserError if it is none.
+def weights_from_file(
+    name: str | Path,
+    state: dict[str, torch.Tensor],
+    header: dict[str, str],
+    kohya: bool,
+    sgm_layout: SgmLayout | None = None,
+) -> LoraWeights:
+    """A LoRA file's tensors and header (kohya or diffusers names) as LoraWeights; UserError naming `name`.
 
-    kohya's SDXL block numbers are read with `sgm_layout` (SDXL's own when None).
+    kohya's SDXL block numbers are read with `sgm_layout` (SDXL's own when None). Files are read, safely
+    and with their format told, by sdlora.lora_files.read_lora.
     """
-    lora = read_lora_file(find_lora_file(path))
-    header = _header(lora.path)
-    if lora.format == "kohya":
+    if kohya:
         try:
-            parts, alphas = from_kohya(lora.state_dict, sgm_layout or SDXL_LAYOUT)
+            parts, alphas = from_kohya(state, sgm_layout or SDXL_LAYOUT)
         except KohyaFormatError as e:
-            raise UserError(f"{lora.path}: {e}") from None
-        sdxl_names = any(k.startswith(_SDXL_KOHYA_PREFIXES) for k in lora.state_dict)
+            raise UserError(f"{name}: {e}") from None
+        sdxl_names = any(k.startswith(_SDXL_KOHYA_PREFIXES) for k in state)
     else:
-        parts, alphas = _from_diffusers(lora.path, lora.state_dict, header)
+        parts, alphas = _from_diffusers(name, state, header)
         sdxl_names = "text_encoder_2" in parts
     family = "sdxl" if sdxl_names else family_from_metadata(header) or _family_from_shapes(parts)
     metadata = {k: v for k, v in header.items() if k not in _DERIVED_KEYS}
     order = [p for p in PARTS if p in parts]  # the UNet first, whatever order the file's keys sort in
     parts, alphas = {p: parts[p] for p in order}, {p: alphas[p] for p in order}
     return LoraWeights(parts, alphas, family, metadata, sgm_layout)
-
-
-def _header(path: Path) -> dict[str, str]:
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:  # already read once: it opens
-        return dict(f.metadata() or {})
 
 
 # --- kohya format ------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora.kohya import SDXL_LAYOUT, SgmLayout, kohya_module_name, module_from_kohya_name
+from sdlora.lora_files import read_lora
 from sdlora.lora_weights import (
     LoraWeights,
-    read_lora,
     weights_from_models,
     write_diffusers,
     write_kohya,

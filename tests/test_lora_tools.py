@@ -25,8 +25,9 @@ from test_kohya import (
 )
 
 from sdlora.errors import run_cli
+from sdlora.lora_files import read_lora
 from sdlora.lora_tools import main
-from sdlora.lora_weights import LoraWeights, read_lora, write_diffusers
+from sdlora.lora_weights import LoraWeights, write_diffusers
 
 
 def run_tool(capsys, *argv: str) -> tuple[int, str, str]:
