@@ -285,6 +285,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation_height", type=int, default=None, help="validation image height (default: native size)"
     )
 
+    g = p.add_argument_group("held-out loss and early stopping")
+    g.add_argument(
+        "--validation_split",
+        default=None,
+        help="hold images out of training for a held-out loss: a fraction (0.1) or a count (8), chosen from the seed",
+    )
+    g.add_argument(
+        "--validation_data_dir",
+        default=None,
+        help="a separate held-out set: an imagefolder with metadata.jsonl",
+    )
+    g.add_argument(
+        "--validation_dataset_disk_path",
+        default=None,
+        help="a separate held-out set saved by create_dataset.py",
+    )
+    g.add_argument(
+        "--validation_loss_timesteps",
+        type=int,
+        default=8,
+        help="fixed timesteps each held-out image is scored at",
+    )
+    g.add_argument(
+        "--validation_loss_steps",
+        type=int,
+        default=None,
+        help="compute the held-out loss every N steps (default: with the validation images, and at the end)",
+    )
+    g.add_argument(
+        "--early_stopping_patience",
+        type=int,
+        default=None,
+        help="stop after N held-out evaluations without improvement (needs a held-out set)",
+    )
+    g.add_argument(
+        "--early_stopping_min_delta", type=float, default=0.0, help="smaller improvements do not count"
+    )
+
     g = p.add_argument_group("outputs")
     g.add_argument(
         "--output_dir", default="sd-model-finetuned-lora", help="where weights, checkpoints and logs go"
@@ -347,6 +385,20 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     for flag in ("caption_dropout_rate", "caption_tag_dropout_rate", "lora_dropout"):
         if not 0 <= getattr(args, flag) < 1:
             p.error(f"--{flag} must be in [0, 1)")
+    held_out = [
+        f
+        for f in ("validation_split", "validation_data_dir", "validation_dataset_disk_path")
+        if getattr(args, f)
+    ]
+    if len(held_out) > 1:
+        p.error(f"pass one of --{', --'.join(held_out)}, not several")
+    if args.early_stopping_patience is not None and not held_out:
+        p.error(
+            "--early_stopping_patience needs a held-out set: pass --validation_split or --validation_data_dir"
+        )
+    for flag in ("validation_loss_steps", "early_stopping_patience"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
     if args.keep_tokens < 0:
         p.error("--keep_tokens must be 0 or more")
     if args.bucket_reso_steps is not None and (args.bucket_reso_steps < 8 or args.bucket_reso_steps % 8):
@@ -419,6 +471,117 @@ def load_data(args, base):
         else None
     )
     return dataset, images
+
+
+def setup_heldout(args, base, images, latent_cache, device, dtype):
+    """(dataset indices to train on, heldout.LossProbes or None): --validation_split holds images of the
+    training set out, --validation_data_dir / --validation_dataset_disk_path name a separate set."""
+    from sdlora.data import TrainImages, check_images, load_train_dataset
+    from sdlora.heldout import (
+        MAX_TRAIN_PROBES,
+        LossProbes,
+        ProbeSet,
+        probe_timesteps,
+        split_examples,
+        train_probe_indices,
+    )
+
+    everything = list(range(len(images)))
+    if args.validation_split:
+        train, held = split_examples(len(images), args.validation_split, args.seed)
+        held_out = ProbeSet(images, latent_cache, held)
+    elif args.validation_data_dir or args.validation_dataset_disk_path:
+        source = argparse.Namespace(
+            **{
+                **vars(args),
+                "dataset_from_disk": bool(args.validation_dataset_disk_path),
+                "dataset_disk_path": args.validation_dataset_disk_path,
+                "train_data_dir": args.validation_data_dir,
+                "max_train_samples": None,
+            }
+        )
+        dataset = load_train_dataset(source)
+        val_images = TrainImages(
+            dataset, args.image_column, dataset[args.caption_column], images.augment, images.controls
+        )
+        check_images(val_images, args.resolution)
+        val_images.place(args.bucket_settings)
+        train, held_out = everything, ProbeSet(val_images, None, list(range(len(val_images))))
+    else:
+        return everything, None
+    timesteps = probe_timesteps(
+        args.validation_loss_timesteps, base.noise_scheduler.config.num_train_timesteps
+    )
+    k = min(len(held_out.indices), len(train), MAX_TRAIN_PROBES)
+    sample = ProbeSet(images, latent_cache, train_probe_indices(train, k, args.seed))
+    logger.info(
+        "held-out loss: %d images, %d training images beside them, timesteps %s",
+        len(held_out.indices),
+        k,
+        timesteps,
+    )
+    return train, LossProbes(base, held_out, sample, timesteps, args.seed, device, dtype)
+
+
+def start_tracker(args, accelerator, probes, state: dict, first_step: int):
+    """The best-loss tracker as the resumed checkpoint left it (or new), and the loss CSV cut back to match."""
+    from sdlora.heldout import CSV_FILE, BestTracker, truncate_csv
+
+    if probes is None:
+        return None
+    csv = Path(args.output_dir) / CSV_FILE
+    if accelerator.is_main_process:
+        if first_step:
+            truncate_csv(csv, first_step)  # the killed run's later rows are computed again
+        else:
+            csv.unlink(missing_ok=True)
+    if state.get("heldout"):
+        return BestTracker.from_state(
+            state["heldout"], args.early_stopping_patience, args.early_stopping_min_delta
+        )
+    return BestTracker(patience=args.early_stopping_patience, min_delta=args.early_stopping_min_delta)
+
+
+def loss_due(args, step) -> bool:
+    """When the held-out loss is computed: --validation_loss_steps, else with the validation images; and at the end."""
+    if step.number == args.max_train_steps:
+        return True
+    if args.validation_loss_steps:
+        return step.number % args.validation_loss_steps == 0
+    if args.validation_steps:
+        return step.number % args.validation_steps == 0
+    return step.last_of_epoch and (step.epoch + 1) % args.validation_epochs == 0
+
+
+def evaluate_heldout(args, accelerator, run: Run, base, step) -> None:
+    """Score the held-out and training probes; log them, append the CSV, keep best/ (main process)."""
+    from sdlora.heldout import CSV_FILE, append_csv, mean_loss, save_best
+
+    with accelerator.autocast():
+        losses = run.probes.evaluate(base.unet, base.text_encoders, run.noise_scheduler)
+    val, train_loss = mean_loss(losses["val"]), mean_loss(losses["train"])
+    improved = run.tracker.update(step.number, val)  # every process: they all decide to stop together
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    append_csv(output_dir / CSV_FILE, step.number, val, train_loss, losses["val"])
+    logs = {
+        "val/loss": val,
+        "val/train_loss": train_loss,
+        **{f"val/loss_t{t}": v for t, v in losses["val"].items()},
+    }
+    accelerator.log(logs, step=step.number)
+    logger.info(
+        "held-out loss at step %d: %.5f (training images: %.5f)%s",
+        step.number,
+        val,
+        train_loss,
+        " best" if improved else "",
+    )
+    if improved:
+        save_best(
+            output_dir, step.number, val, lambda folder: run.write_lora(folder, step.number, step.epoch + 1)
+        )
 
 
 @dataclass
@@ -497,7 +660,7 @@ def save_checkpoint_now(args, accelerator, run: Run, step, resumed_from: Path | 
             run.optimizer,
             run.lr_scheduler,
             accelerator.scaler,
-            {"compat": run.compat},
+            {"compat": run.compat, "heldout": run.tracker.state_dict() if run.tracker else None},
         )
         prune_checkpoints(output_dir, args.checkpoints_total_limit, protect=resumed_from)
         logger.info("saved %s", run.last_checkpoint)
@@ -512,7 +675,7 @@ def validation_due(args, step) -> bool:
     return step.last_of_epoch and (step.epoch + 1) % args.validation_epochs == 0
 
 
-def train(args, accelerator, run: Run, steps, images, validate, clock) -> None:
+def train(args, accelerator, run: Run, base, steps, images, validate, clock) -> None:
     """The loop: each step, then log, checkpoint, stop on request, validate."""
     from tqdm.auto import tqdm
 
@@ -556,10 +719,27 @@ def train(args, accelerator, run: Run, steps, images, validate, clock) -> None:
                 }
                 bar.set_postfix(step=step.number, **logs)
                 accelerator.log(logs, step=step.number)
-            if step.number % args.checkpointing_steps == 0 or stopping:
+            run.last_step = step.number
+            if run.probes is not None and loss_due(args, step):
+                check_finite(bad_step, run.last_checkpoint)
+                with clock.phase("validation"):
+                    evaluate_heldout(args, accelerator, run, base, step)
+            early = run.tracker is not None and run.tracker.should_stop
+            if step.number % args.checkpointing_steps == 0 or stopping or early:
                 check_finite(bad_step, run.last_checkpoint)
                 with clock.phase("save"):
                     save_checkpoint_now(args, accelerator, run, step, resumed_from)
+            if early:
+                logger.warning(
+                    "early stopping after step %d: the held-out loss has not improved for %d evaluations "
+                    "(best %.5f at step %d, in %s)",
+                    step.number,
+                    run.tracker.bad_evals,
+                    run.tracker.best_loss,
+                    run.tracker.best_step,
+                    Path(args.output_dir) / "best",
+                )
+                break
             if stopping:
                 by = f"signal {stop.signal}" if stop.signal is not None else "a signal to another process"
                 raise UserError(
@@ -615,6 +795,25 @@ def lora_writer(args, base, models: dict, run_info):
     return write
 
 
+def heldout_card(output_dir: Path, run: Run) -> list[str]:
+    """The model card's held-out loss section: the curve, the best step and how to load best/."""
+    from sdlora.heldout import BEST_DIR, CSV_FILE, plot_loss_curve
+
+    if run.tracker is None or run.tracker.best_step is None:
+        return []
+    curve = plot_loss_curve(output_dir / CSV_FILE, output_dir / "validation_loss.png", run.tracker.best_step)
+    lines = ["## Held-out loss", ""]
+    if curve:
+        lines += ["![held-out and training loss](validation_loss.png)", ""]
+    lines += [
+        f"Lowest held-out loss {run.tracker.best_loss:.5f} at step {run.tracker.best_step} (every evaluation: "
+        f"`{CSV_FILE}`). That step's LoRA is in `{BEST_DIR}/`; load it instead of the final weights with "
+        f'`pipe.load_lora_weights("{output_dir / BEST_DIR}")`.',
+        "",
+    ]
+    return lines
+
+
 def save_outputs(args, accelerator, run: Run, base, dataset_desc: str, prompts, negatives, clock) -> None:
     """Final LoRA files, the arguments and the model card, then a validation pass with the saved file
     (whose failure costs nothing) and the upload with --push_to_hub (main process only)."""
@@ -625,14 +824,15 @@ def save_outputs(args, accelerator, run: Run, base, dataset_desc: str, prompts, 
         return
     output_dir = Path(args.output_dir)
     with clock.phase("save"):
-        run.write_lora(output_dir, args.max_train_steps, args.num_train_epochs)
+        run.write_lora(output_dir, run.last_step, args.num_train_epochs)
         logger.info("saved the LoRA to %s", output_dir)
     write_args(output_dir, args)
-    write_model_card(output_dir, args, base.family, dataset_desc, prompts, None)
+    card = heldout_card(output_dir, run)
+    write_model_card(output_dir, args, base.family, dataset_desc, prompts, None, card)
     with clock.phase("validation"):
-        grid = validate_saved_lora(args, accelerator, prompts, negatives, run.dtype)
+        grid = validate_saved_lora(args, accelerator, prompts, negatives, run.dtype, run.last_step)
     if grid:
-        write_model_card(output_dir, args, base.family, dataset_desc, prompts, grid)
+        write_model_card(output_dir, args, base.family, dataset_desc, prompts, grid, card)
     if args.push_to_hub:
         from sdlora.hub import upload_folder_or_explain
 
@@ -672,9 +872,10 @@ def main(args: argparse.Namespace) -> None:
     with clock.phase("cache"):
         latent_cache, text_cache = build_caches(args, base, images, dataset._fingerprint, accelerator, dtype)
     images.load_pixels = latent_cache is None
+    train_indices, probes = setup_heldout(args, base, images, latent_cache, accelerator.device, dtype)
     plan = BatchPlan(
-        list(range(len(images))),
-        [p.bucket for p in images.placements],
+        train_indices,
+        [images.placements[i].bucket for i in train_indices],
         args.train_batch_size,
         args.gradient_accumulation_steps,
         args.seed,
@@ -687,8 +888,8 @@ def main(args: argparse.Namespace) -> None:
     run_info = RunInfo(
         base.family,
         len(plan.indices),
-        kohya_bucket_info(images.placements),
-        images.controls.tag_frequency(images.raw_captions),
+        kohya_bucket_info([images.placements[i] for i in train_indices]),
+        images.controls.tag_frequency([images.raw_captions[i] for i in train_indices]),
     )
     run = Run(
         prepared,
@@ -708,9 +909,10 @@ def main(args: argparse.Namespace) -> None:
         dtype,
         earlier_checkpoints=earlier,
     )
-    run.first_step, run.last_checkpoint, _ = resume(
+    run.first_step, run.last_checkpoint, state = resume(
         args, models, optimizer, lr_scheduler, accelerator.scaler, run.compat
     )
+    run.probes, run.tracker = probes, start_tracker(args, accelerator, probes, state, run.first_step)
     if accelerator.is_main_process:
         accelerator.init_trackers(
             "text2image-lora",
@@ -726,7 +928,7 @@ def main(args: argparse.Namespace) -> None:
         optimizer=type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
     )
     validate = make_validator(args, accelerator, base, dtype, prompts, negatives)
-    train(args, accelerator, run, steps, images, validate, clock)
+    train(args, accelerator, run, base, steps, images, validate, clock)
     trace(accelerator.process_index, "final", checksum=sum(p.double().sum().item() for p in run.params))
     accelerator.wait_for_everyone()
     save_outputs(

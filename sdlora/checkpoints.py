@@ -258,6 +258,7 @@ def compat_settings(args, num_processes: int, fingerprint: str, examples: int, c
         "captions": captions_hash,
         "resolution": args.resolution,
         "crop_mode": args.crop_mode,
+        "validation_split": args.validation_split,
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": num_processes,

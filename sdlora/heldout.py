@@ -374,3 +374,94 @@ def read_best(output_dir: str | Path) -> dict | None:
     """best/step.json ({"step", "val_loss"}), or None if there is no best/ yet."""
     path = Path(output_dir) / BEST_DIR / BEST_STEP_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass
+class ProbeSet:
+    """Examples scored by the fixed-noise loss: their pictures and captions, and their latent cache if any."""
+
+    images: object  # data.TrainImages
+    cache: object | None  # cache.LatentCache
+    indices: list[int]
+
+
+class LossProbes:
+    """The held-out loss and the same loss on a fixed sample of training images, evaluated on demand.
+
+    Latents are the deterministic means of the images' latent distributions (from the cache when it is
+    on), computed once; the captions are the examples' own, without dropout or shuffling, and are encoded
+    at each evaluation (cheap, and right when the text encoder is trained).
+    """
+
+    def __init__(
+        self, base, heldout: ProbeSet, train: ProbeSet, timesteps: list[int], seed: int, device, dtype
+    ):
+        self.base, self.sets, self.timesteps = base, {"val": heldout, "train": train}, timesteps
+        self.seed, self.device, self.dtype = seed, device, dtype
+        self.latents = {name: self._latents(probe) for name, probe in self.sets.items()}
+
+    def _latents(self, probe: ProbeSet) -> list[torch.Tensor]:
+        from .cache import scale_latents
+
+        if probe.cache is not None:
+            return [probe.cache.mean(i, False) for i in probe.indices]
+        vae, out = self.base.vae, []
+        home = next(vae.parameters()).device
+        vae.to(self.device)
+        with torch.no_grad():
+            for i in probe.indices:
+                pixels = probe.images.pixels(i, False, probe.images.placements[i].crop)[None]  # (1, 3, H, W)
+                mean = vae.encode(pixels.to(self.device, self.base.vae_dtype or self.dtype)).latent_dist.mean[
+                    0
+                ]
+                out.append(
+                    scale_latents(
+                        mean.float().cpu(),
+                        vae.config.scaling_factor,
+                        getattr(vae.config, "shift_factor", None),
+                    )
+                )
+        vae.to(home)
+        return out
+
+    def _examples(self, name: str, text_encoders) -> list[ProbeExample]:
+        from .caption_controls import options
+        from .families import time_ids
+
+        probe, family = self.sets[name], self.base.family
+        captions = [
+            probe.images.controls.decorate(str(options(probe.images.raw_captions[i])[0]))
+            for i in probe.indices
+        ]
+        with torch.no_grad():
+            text = family.encode_prompts(self.base.tokenizers, text_encoders, captions, self.device)
+        ids = None
+        if family.uses_time_ids:
+            places = [probe.images.placements[i] for i in probe.indices]
+            ids = torch.tensor(
+                [time_ids(p.original, p.crop_for(False), p.bucket) for p in places], dtype=torch.float32
+            )
+        inputs = split_inputs(family.unet_inputs({k: v.float().cpu() for k, v in text.items()}, ids))
+        return [ProbeExample(i, lat, inp) for i, lat, inp in zip(probe.indices, self.latents[name], inputs)]
+
+    def evaluate(self, unet, text_encoders, noise_scheduler) -> dict[str, dict[int, float]]:
+        """{"val": per-timestep held-out loss, "train": the same on the training sample}."""
+        homes = [next(e.parameters()).device for e in text_encoders]
+        for encoder in text_encoders:
+            encoder.to(self.device)
+        try:
+            return {
+                name: heldout_loss(
+                    unet,
+                    self._examples(name, text_encoders),
+                    self.timesteps,
+                    noise_scheduler,
+                    self.seed,
+                    self.dtype,
+                    self.device,
+                )
+                for name in self.sets
+            }
+        finally:
+            for encoder, home in zip(text_encoders, homes):
+                encoder.to(home)

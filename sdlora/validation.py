@@ -139,13 +139,12 @@ def make_validator(args, accelerator, base, weight_dtype, prompts, negatives):
     return validate
 
 
-def validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype) -> str | None:
+def validate_saved_lora(args, accelerator, prompts, negatives, weight_dtype, step: int) -> str | None:
     """The last validation, from the saved file reloaded into a fresh pipeline; returns a sample image path.
     Any failure is logged and None returned: the outputs are saved whatever happens here."""
     if not prompts:
         return None
     output_dir = Path(args.output_dir)
-    step = args.max_train_steps
     try:
         # The same loader inference uses: the file users will load, checked against the model and reloaded.
         pipe, _ = load_pipeline(
