@@ -217,6 +217,28 @@ def test_merge_with_itself_at_half_and_half_is_the_original(capsys, sd1, sd1_ima
     assert merged.rank("unet", "down_blocks.0.resnets.0.conv1") == 4  # 2 + 2, concatenated
     assert_same_deltas(merged, read_lora(file))
     assert np.abs(loaded_image(sd1[1], tmp_path) - sd1_image).max() < TOLERANCE
+    from sdlora.generation import load_pipeline
+
+    _, lora = load_pipeline(str(sd1[0]), tmp_path)
+    assert lora.layers == {"unet": 79, "text_encoder": 12}
+
+
+def test_sd2_lora_converted_either_way_gives_the_same_image_in_our_loader(capsys, root, tmp_path):
+    from sdlora.generation import generate, load_pipeline
+
+    path, pipe = tiny_pipeline("sd2", root)
+    write_diffusers(
+        make_weights(pipe, "attn_ff", "text_encoders"), tmp_path / "pytorch_lora_weights.safetensors"
+    )
+    kohya_file = tmp_path / "k.safetensors"
+    assert run_tool(capsys, "convert", tmp_path, "--to", "kohya", "--output", kohya_file)[0] == 0
+    assert run_tool(capsys, "convert", kohya_file, "--to", "diffusers", "--output", tmp_path / "back")[0] == 0
+    images = []
+    for lora_path in (tmp_path, kohya_file, tmp_path / "back"):
+        ours, lora = load_pipeline(str(path), lora_path)
+        assert lora.layers == {"unet": 48, "text_encoder": 12}
+        images.append(np.asarray(generate(ours, "a red circle", num_inference_steps=2)[0], dtype=np.int16))
+    assert np.array_equal(images[1], images[0]) and np.array_equal(images[2], images[0])
 
 
 def test_merge_of_two_loras_is_their_weighted_sum_and_svd_to_a_rank_keeps_it_close(capsys, sd1, tmp_path):
