@@ -32,6 +32,7 @@ from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from .lora_files import find_lora_file, lora_format, read_lora
 from .lora_weights import (
     LoraWeights,
+    float32,
     write_diffusers,
     write_kohya,
 )
@@ -232,14 +233,10 @@ def resize_weights(
             parts[part][module + LORA_A], parts[part][module + LORA_B] = down, up
             if (magnitude := weights.magnitude(part, module)) is not None:
                 parts[part][module + MAGNITUDE] = magnitude
-            alphas[part][module] = _float32(weights.alphas[part][module] / old * new)
+            alphas[part][module] = float32(weights.alphas[part][module] / old * new)
             report.append(ModuleResize(part, module, old, new, kept))
     resized = LoraWeights(parts, alphas, weights.family, dict(weights.metadata), weights.sgm_layout)
     return resized, report
-
-
-def _float32(value: float) -> float:
-    return torch.tensor(value, dtype=torch.float32).item()
 
 
 def merge_weights(

@@ -116,8 +116,8 @@ class LoraWeights:
         return f"DoRA ({kind})" if self.is_dora() else kind
 
 
-def _float32(value: float) -> float:
-    # kohya files hold alphas as float32: keep every alpha a float32 value so that round trips are exact
+def float32(value: float) -> float:
+    """The value as float32 holds it: kohya files store alphas so, and every alpha is kept so for exact round trips."""
     return torch.tensor(float(value), dtype=torch.float32).item()
 
 
@@ -194,7 +194,7 @@ def weights_from_models(
                 alpha, rank = layer.lora_alpha[adapter_name], layer.r[adapter_name]
                 # rsLoRA scales by alpha / sqrt(r); files say alpha / r, so store the alpha that gives that scale
                 rslora = layer.use_rslora.get(adapter_name, False)
-                module_alphas[name] = _float32(alpha * math.sqrt(rank) if rslora else alpha)
+                module_alphas[name] = float32(alpha * math.sqrt(rank) if rslora else alpha)
         if set(module_alphas) != set(_modules_of(tensors)):
             raise ValueError(f"{part}: LoRA layers and adapter weights disagree; pass the unwrapped model")
         if part != "unet":
@@ -332,7 +332,7 @@ def _from_diffusers(path: str | Path, state: dict[str, torch.Tensor], header: di
             rank = tensors[module + LORA_A].shape[0]
             # no adapter config: diffusers loads it with alpha = rank (scale 1)
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-            module_alphas[module] = _float32(alpha * math.sqrt(rank) if config.get("use_rslora") else alpha)
+            module_alphas[module] = float32(alpha * math.sqrt(rank) if config.get("use_rslora") else alpha)
         parts[part], alphas[part] = tensors, module_alphas
     return parts, alphas
 
