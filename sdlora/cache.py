@@ -26,7 +26,9 @@ from .faults import trace
 from .fileio import atomic_file
 
 logger = logging.getLogger(__name__)
-SHARD_SIZE = 256  # items per shard file: a few MB at 512 px
+# Items per shard file: 64 MB at 512 px with flips. (SDLORA_CACHE_SHARD_SIZE: tests use small shards to
+# have several processes share a small dataset.)
+SHARD_SIZE = int(os.environ.get("SDLORA_CACHE_SHARD_SIZE", "256"))
 _DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
@@ -48,6 +50,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def cache_key(**parts) -> str:
+    parts["shard_size"] = SHARD_SIZE  # the layout of the folder's files
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,11 @@ class UserError(Exception):
 
 def run_cli(main: Callable[..., Any], *args: Any) -> None:
     """Run a script's main(); turn a UserError into `error: ...` on stderr and exit status 2."""
+    # train_text_to_image_lora.sh starts accelerate's launcher with Ctrl-C ignored, so that the launcher
+    # waits for the training process to save its checkpoint instead of dying with a traceback of its own;
+    # the scripts themselves take Ctrl-C again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(*args)
     except UserError as e:

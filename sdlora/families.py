@@ -160,3 +160,20 @@ def detect_family(model: str, revision: str | None = None) -> Family:
     if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024:
         return SD2
     return SD1
+
+
+def main() -> None:
+    """`python -m sdlora.families MODEL` prints the model's family (sd1, sd2 or sdxl): for the launcher."""
+    import argparse
+
+    from .errors import run_cli
+    from .models import resolve_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model", help="Hub id or local diffusers folder")
+    args = parser.parse_args()
+    run_cli(lambda: print(detect_family(resolve_model(args.model)).name))
+
+
+if __name__ == "__main__":
+    main()

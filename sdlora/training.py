@@ -210,6 +210,12 @@ def make_accelerator(args):
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
+    started = int(os.environ.get("WORLD_SIZE", "1"))
+    if started > 1 and accelerator.num_processes == 1:
+        raise UserError(
+            f"{started} processes were started but each would train alone (no GPU for --multi_gpu): on CPUs, "
+            "set ACCELERATE_USE_CPU=1 (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N)"
+        )
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError(
             f"{accelerator.distributed_type.value} is not supported: a LoRA fits on one GPU; scale out with DDP "
@@ -264,7 +270,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
-        signal.signal(signum, self.previous.get(signum) or signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_DFL)  # the second one ends the process at once
 
     def close(self) -> None:
         for sig, handler in self.previous.items():

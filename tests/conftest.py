@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # must use the same thread count (matmul reductions are split by thread), and with pytest-xdist's two
 # workers on two cores this keeps the machine busy without oversubscribing it.
 os.environ["OMP_NUM_THREADS"] = "1"
+# Several processes on CPUs: accelerate's --cpu launcher starts one process whatever --num_processes says;
+# `--multi_gpu --num_processes N` with ACCELERATE_USE_CPU starts N that meet over gloo (see launch()).
+os.environ["ACCELERATE_USE_CPU"] = "true"
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -105,25 +108,37 @@ def train_args(tiny_model: Path, dataset: Path, output_dir: Path, *extra: str) -
     ]
 
 
-def train_command(
-    tiny_model: Path, dataset: Path, output_dir: Path, *extra: str, launch: tuple[str, ...] = ()
-) -> list[str]:
-    """`accelerate launch --quiet --cpu train_text_to_image_lora.py` on the tiny model, as users run it.
+def launch(processes: int = 1, mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch --quiet` on the CPU with `processes` processes (the README's way).
 
     (--quiet: accelerate's launcher then exits 1 on a failed run instead of adding its own traceback.)"""
+    where = ["--cpu"] if processes == 1 else ["--multi_gpu"]  # (with ACCELERATE_USE_CPU set above)
     return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--quiet",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        *(launch or ("--num_processes", "1", "--mixed_precision", "no")),
+        *(
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--quiet",
+            *where,
+            "--num_processes",
+            str(processes),
+        ),
+        *("--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", mixed_precision),
+        *("--main_process_port", str(free_port())),
+    ]
+
+
+def train_command(
+    tiny_model: Path,
+    dataset: Path,
+    output_dir: Path,
+    *extra: str,
+    processes: int = 1,
+    mixed_precision: str = "no",
+) -> list[str]:
+    """`accelerate launch --quiet ... train_text_to_image_lora.py` on the tiny model, as users run it."""
+    return [
+        *launch(processes, mixed_precision),
         str(REPO / "train_text_to_image_lora.py"),
         *train_args(tiny_model, dataset, output_dir, *extra),
     ]

@@ -1,10 +1,11 @@
-"""Faults during training: kills at any moment, Ctrl-C, NaN, full disks, stray folders, mismatched resumes,
-and bad images in the training data. Each test builds the fault itself."""
+"""Faults during training in real processes: kills at any moment, Ctrl-C and SIGTERM, a signal to one of
+several processes, NaN, and bad images in the training data. Each test builds the fault itself."""
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import subprocess
 import time
@@ -12,41 +13,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script, train_command
+from conftest import REPO, free_port, run_script, same_weights, script_command, train, train_command
 from image_corpus import invalid
 from PIL import Image
-from safetensors.torch import load_file
 
 from sdlora import checkpoints
-from sdlora.errors import UserError
 
 pytestmark = pytest.mark.slow
 
-# 8 examples, batch 2: 4 steps per epoch. Checkpoints at 3 and 6; 9 steps in all.
+# 8 examples, batch 2, square crops: 4 steps per epoch. Checkpoints at 3 and 6; 9 steps in all.
 RUN = (
-    "--max_train_steps",
-    "9",
-    "--checkpointing_steps",
-    "3",
-    "--random_flip",
-    "--center_crop",
-    "--lr_scheduler",
-    "cosine",
-    "--lr_warmup_steps",
-    "2",
+    *("--max_train_steps", "9", "--checkpointing_steps", "3", "--random_flip", "--center_crop"),
+    *("--lr_scheduler", "cosine", "--lr_warmup_steps", "2"),
 )
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model, tiny_dataset) -> dict[str, torch.Tensor]:
-    out = tmp_path_factory.mktemp("straight")
-    result = run_script(train_command(tiny_model, tiny_dataset, out, *RUN))
+def uninterrupted(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "out"
+    result = train(tiny_model, tiny_dataset, out, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    return weights(out)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -62,102 +49,158 @@ def test_sigkill_then_resume_matches_uninterrupted_run(
     tmp_path, tiny_model, tiny_dataset, uninterrupted, kill_at, latest
 ):
     out = tmp_path / "out"
-    killed = run_script(train_command(tiny_model, tiny_dataset, out, *RUN), env={"SDLORA_KILL_AT": kill_at})
-    assert killed.returncode != 0
+    killed = run_script(script_command(tiny_model, tiny_dataset, out, *RUN), env={"SDLORA_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     found = checkpoints.list_checkpoints(out)
     assert (found[-1][1].name if found else None) == latest  # a half-written folder is never a checkpoint
-    resumed = run_script(
-        train_command(tiny_model, tiny_dataset, out, *RUN, "--resume_from_checkpoint", "latest")
-    )
+    resumed = train(tiny_model, tiny_dataset, out, *RUN, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final = weights(out)
-    assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+    assert same_weights(out, uninterrupted)
     assert not list(out.glob(".checkpoint-*"))  # leftovers of the killed save are cleaned up
 
 
-def test_ctrl_c_saves_a_checkpoint_at_the_current_step(tmp_path, tiny_model, tiny_dataset):
+def start(command: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+    return subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def read_until(process: subprocess.Popen, text: str, timeout: float = 240) -> str:
+    """stderr up to the first line containing `text` (tqdm's \\r updates count as lines); fails on timeout."""
+    seen, deadline = "", time.time() + timeout
+    selector = selectors.DefaultSelector()
+    selector.register(process.stderr, selectors.EVENT_READ)
+    while text not in seen:
+        if time.time() > deadline or process.poll() is not None and not selector.select(0):
+            process.kill()
+            pytest.fail(f"no {text!r} within {timeout}s: {seen[-2000:]}")
+        if selector.select(timeout=1):
+            chunk = os.read(process.stderr.fileno(), 65536).decode(errors="replace")
+            seen += chunk
+    return seen
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    """The rest of stderr, once the process has exited (killed, and the test failed, if it hangs)."""
+    try:
+        _, rest = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the run did not stop: a process hung")
+    return rest
+
+
+def test_ctrl_c_under_the_launcher_saves_a_checkpoint_without_a_traceback(tmp_path, tiny_model, tiny_dataset):
+    """The README's way: train_text_to_image_lora.sh (accelerate launch --quiet), Ctrl-C to the whole group."""
     out = tmp_path / "out"
-    command = train_command(
-        tiny_model, tiny_dataset, out, "--max_train_steps", "100000", "--checkpointing_steps", "100000"
-    )
-    # Run the script itself: accelerate's launcher answers Ctrl-C with a traceback of its own and returns
-    # before the training process has finished saving, which would race this test.
-    command = [
-        command[0],
-        *command[command.index(next(c for c in command if c.endswith("train_text_to_image_lora.py"))) :],
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, start_new_session=True
-    )
-    deadline = time.time() + 240
-    for line in process.stderr:  # wait until training is under way
-        if "step=" in line:
-            break
-        assert time.time() < deadline
+    env = {
+        "MODEL_NAME": str(tiny_model),
+        "DATASET_DIR": str(tiny_dataset),
+        "OUTPUT_DIR": str(out),
+        "LAUNCH": f"--cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port {free_port()}",
+    }
+    extra = ("--max_train_steps", "100000", "--logging_steps", "1", "--checkpointing_steps", "100000")
+    process = start(["bash", str(REPO / "train_text_to_image_lora.sh"), *extra], cwd=REPO, env=env)
+    seen = read_until(process, "step=")
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    rest = process.stderr.read()
-    assert process.wait(timeout=120) == 2
-    assert "resume with --resume_from_checkpoint latest" in rest and "Traceback" not in rest
+    rest = seen + finish(process)
+    assert process.returncode != 0
+    assert "resume with --resume_from_checkpoint latest" in rest and "Traceback" not in rest, rest[-3000:]
     ((step, path),) = checkpoints.list_checkpoints(out)
     assert step > 0 and json.loads((path / "training_state.json").read_text())["global_step"] == step
 
 
+def test_sigterm_saves_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
+    tmp_path, tiny_model, tiny_dataset
+):
+    common = ("--max_train_steps", "150", "--checkpointing_steps", "1000", "--center_crop", "--random_flip")
+    process = start(script_command(tiny_model, tiny_dataset, tmp_path / "out", *common))
+    read_until(process, "step=")
+    process.send_signal(signal.SIGTERM)
+    rest = finish(process)
+    assert process.returncode == 2 and "stopped by signal 15" in rest and "Traceback" not in rest
+    ((step, _),) = checkpoints.list_checkpoints(tmp_path / "out")
+    assert 0 < step < 150
+    resumed = train(tiny_model, tiny_dataset, tmp_path / "out", *common, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0 and f"starting at {step}" in resumed.stderr
+    assert train(tiny_model, tiny_dataset, tmp_path / "straight", *common).returncode == 0
+    assert same_weights(tmp_path / "out", tmp_path / "straight")
+
+
+def rank_processes(launcher: subprocess.Popen) -> dict[int, int]:
+    """{RANK: pid} of the training processes a launcher started (torch's elastic agent puts each worker in
+    a session of its own), read from their environments."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                not proc.name.isdigit()
+                or int((proc / "stat").read_text().split(")")[1].split()[1]) != launcher.pid
+            ):
+                continue
+            environ = dict(
+                item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in environ:
+            found[int(environ["RANK"])] = int(proc.name)
+    return found
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, tiny_model, tiny_dataset):
+    out = tmp_path / "out"
+    command = train_command(
+        tiny_model,
+        tiny_dataset,
+        out,
+        "--max_train_steps",
+        "100000",
+        "--checkpointing_steps",
+        "100000",
+        processes=2,
+    )
+    process = start(command)
+    read_until(process, "step=")
+    ranks = rank_processes(process)
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGTERM)  # only the second process is told to stop
+    rest = finish(process, timeout=180)  # no process is left waiting in a collective
+    assert process.returncode != 0
+    ((step, _),) = checkpoints.list_checkpoints(out)
+    assert f"stopped by a signal to another process after step {step}" in rest, rest[-3000:]
+    assert f"stopped by signal 15 after step {step}" in rest
+
+
 def test_nan_loss_stops_with_the_step_and_saves_nothing_corrupt(tmp_path, tiny_model, tiny_dataset):
     out = tmp_path / "out"
-    result = run_script(
-        train_command(
-            tiny_model,
-            tiny_dataset,
-            out,
-            "--max_train_steps",
-            "30",
-            "--checkpointing_steps",
-            "1",
-            "--learning_rate",
-            "1e30",
-            "--adam_epsilon",
-            "1e-30",
-            "--max_grad_norm",
-            "1e30",
-        )
+    result = train(
+        tiny_model,
+        tiny_dataset,
+        out,
+        *("--max_train_steps", "30", "--checkpointing_steps", "1", "--learning_rate", "1e30"),
+        *("--adam_epsilon", "1e-30", "--max_grad_norm", "1e30"),
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "loss became NaN or infinite at step" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+    from safetensors.torch import load_file
+
     for _, path in checkpoints.list_checkpoints(out):
-        assert all(torch.isfinite(t).all() for t in weights(path).values()), path
-
-
-def test_resume_with_other_settings_is_refused_with_the_difference(tmp_path, tiny_model, tiny_dataset):
-    out = tmp_path / "out"
-    assert (
-        run_script(
-            train_command(
-                tiny_model, tiny_dataset, out, "--max_train_steps", "3", "--checkpointing_steps", "3"
-            )
-        ).returncode
-        == 0
-    )
-    result = run_script(
-        train_command(
-            tiny_model,
-            tiny_dataset,
-            out,
-            "--max_train_steps",
-            "6",
-            "--rank",
-            "8",
-            "--resume_from_checkpoint",
-            "latest",
-        )
-    )
-    assert result.returncode != 0
-    assert "rank: checkpoint 4, now 8" in result.stderr and "--force_resume" in result.stderr
-    assert "Traceback" not in result.stderr
+        weights = load_file(str(path / "pytorch_lora_weights.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values()), path
 
 
 def test_bad_training_images_are_all_named_and_outputs_kept(tmp_path, tiny_model):
+    from test_train_script import train_from_folder
+
     data = tmp_path / "data"
     bad = invalid(data)
     Image.new("RGB", (80, 80), "red").save(data / "good.png")
@@ -169,55 +212,10 @@ def test_bad_training_images_are_all_named_and_outputs_kept(tmp_path, tiny_model
     out = tmp_path / "out"
     out.mkdir()
     (out / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier run's weights")
-    command = train_command(tiny_model, tmp_path, out, "--max_train_steps", "2")
-    command[command.index("--dataset_from_disk")] = "--train_data_dir"
-    command[command.index("--dataset_disk_path") : command.index("--dataset_disk_path") + 2] = [str(data)]
-    result = run_script(command)
-    assert result.returncode != 0
+    result = train_from_folder(tiny_model, data, out, "--max_train_steps", "2")
+    assert result.returncode == 2
     for name in bad:
         assert name in result.stderr
     assert "cannot be used" in result.stderr and "Traceback" not in result.stderr
     assert (out / "pytorch_lora_weights.safetensors").read_bytes() == b"an earlier run's weights"
     assert sorted(p.name for p in out.iterdir()) == ["pytorch_lora_weights.safetensors"]
-
-
-def _fake_checkpoint(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / checkpoints.STATE_FILE).write_text("{}")
-    return folder
-
-
-def test_pruning_keeps_newest_by_step_ignores_strays_and_protects_resume_source(tmp_path):
-    for step in (2, 10, 9, 100):
-        _fake_checkpoint(tmp_path / f"checkpoint-{step}")
-    (tmp_path / "checkpoint-7").mkdir()  # incomplete: no state file
-    (tmp_path / "checkpoint-best").mkdir()
-    (tmp_path / "checkpoint-50").write_text("a file, not a folder")
-    (tmp_path / "notes").mkdir()
-    _fake_checkpoint(tmp_path / ".checkpoint-11.abc.tmp")  # left by a killed save
-    removed = checkpoints.prune_checkpoints(tmp_path, keep=2, protect=tmp_path / "checkpoint-2")
-    assert sorted(p.name for p in removed) == ["checkpoint-9"]
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == [
-        "checkpoint-10",
-        "checkpoint-100",
-        "checkpoint-2",
-        "checkpoint-50",
-        "checkpoint-7",
-        "checkpoint-best",
-        "notes",
-    ]
-
-
-def test_full_disk_fails_before_anything_is_deleted_or_written(tmp_path, monkeypatch, tiny_model):
-    from diffusers import UNet2DConditionModel
-
-    from sdlora.lora import add_lora
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    add_lora(unet, 4, 4)
-    old = _fake_checkpoint(tmp_path / "checkpoint-1")
-    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda _: type("U", (), {"free": 1000})())
-    with pytest.raises(UserError, match="not enough disk space"):
-        checkpoints.save_checkpoint(tmp_path, 2, unet, None, None, None, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]
