@@ -4,7 +4,6 @@ recipe's 8-bit Adam x checkpoints x pruning x validation x kill and resume."""
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
@@ -135,7 +134,7 @@ def test_the_original_recipe_with_8bit_adam_checkpoints_prunes_validates_and_res
     assert setup["optimizer"] == "AdamW8bit"
     assert [p.name for _, p in list_checkpoints(tmp_path / "a")] == ["checkpoint-12"]  # pruned to the newest
     with safe_open(str(tmp_path / "a" / "checkpoint-12" / OPTIMIZER_FILE), "pt") as f:
-        assert "__bnb_optimizer_quant_state__" in json.loads(f.metadata()["meta"]).__repr__()
+        assert "__bnb_optimizer_quant_state__" in f.metadata()["meta"]
         assert any("qmap1" in k for k in f.keys())  # bitsandbytes' 8-bit state, saved as tensors
     # 8 images at batch 1 x accumulation 2: 4 steps an epoch, so validation after epoch 2 (step 8) and at the end.
     assert sorted(p.name for p in (tmp_path / "a" / "validation").iterdir()) == ["step-12", "step-8"]
