@@ -607,19 +607,16 @@ class Run:
 def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
     """One optimizer step over the step's micro-batches; returns the summed loss, still on the device."""
     from sdlora.faults import trace
-    from sdlora.training import diffusion_loss, step_generator
+    from sdlora.training import diffusion_loss, step_generator, step_seed
 
     loss_sum = torch.zeros((), device=accelerator.device)
     for micro in range(len(step.micro_batches)):
         batch = next(batches)
-        trace(
-            accelerator.process_index,
-            "batch",
-            step=step.number,
-            epoch=step.epoch,
-            index=batch["index"].tolist(),
-        )
-        gen = step_generator(args.seed, step.number, micro, accelerator.process_index, accelerator.device)
+        rank = accelerator.process_index
+        trace(rank, "batch", step=step.number, epoch=step.epoch, index=batch["index"].tolist())
+        gen = step_generator(args.seed, step.number, micro, rank, accelerator.device)
+        # The global stream (LoRA dropout draws from it) restarts at each micro-batch too: exact resume.
+        torch.manual_seed(step_seed(args.seed, step.number, micro, rank, stream=1))
         last = micro == len(step.micro_batches) - 1  # gradients are all-reduced on the last micro-batch only
         with contextlib.ExitStack() as stack:
             if not last:
@@ -784,13 +781,11 @@ def log_banner(args, accelerator, n_examples: int, first_step: int) -> None:
 def lora_writer(args, base, models: dict, run_info):
     """write(folder, step, epoch): both LoRA files, with the metadata as of that step (the one saver of
     checkpoints and final outputs)."""
-    from sdlora.lora import save_kohya_copy, save_lora
+    from sdlora.lora import save_lora_files
     from sdlora.metadata import lora_metadata
 
     def write(folder: Path, step: int, epoch: int) -> None:
-        metadata = lora_metadata(args, run_info, step, epoch)
-        save_lora(models, base.family, folder, metadata)
-        save_kohya_copy(models, base.family, folder, metadata)
+        save_lora_files(models, base.family, folder, lora_metadata(args, run_info, step, epoch))
 
     return write
 

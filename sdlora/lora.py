@@ -130,88 +130,36 @@ def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def peft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights under peft's names (`<module>.lora_A.weight`), as fp32 CPU tensors."""
-    from peft.utils import get_peft_model_state_dict
+def save_lora_files(
+    models: dict[str, torch.nn.Module], family, folder: str | Path, metadata: dict[str, str]
+) -> Path:
+    """Write both LoRA files into `folder` (the one LoRA saver, for checkpoints and final outputs):
+    pytorch_lora_weights.safetensors (diffusers) and pytorch_lora_weights_kohya.safetensors (A1111,
+    ComfyUI), each with the adapters' settings and `metadata` in its header."""
+    from .lora_weights import weights_from_models, write_diffusers, write_kohya
 
-    return {
-        k: v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in get_peft_model_state_dict(model).items()
-    }
-
-
-def to_peft_name(key: str) -> str:
-    """A diffusers-format key under peft's names: diffusers writes attention layers as `.lora.down` and
-    text-encoder layers as `.lora_linear_layer.down`, and every other layer with peft's `lora_A`."""
-    for old, new in ((".lora_linear_layer.down.", ".lora_A."), (".lora_linear_layer.up.", ".lora_B.")):
-        key = key.replace(old, new)
-    return key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+    folder = Path(folder)
+    weights = weights_from_models(models, family.name, metadata)
+    write_kohya(weights, folder / KOHYA_WEIGHT_NAME)
+    return write_diffusers(weights, folder / LORA_WEIGHT_NAME)
 
 
 def load_lora_into_models(models: dict[str, torch.nn.Module], file: str | Path) -> None:
     """Set the adapters' weights from a file our saver wrote (for resuming training)."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = load_file(str(file))
+    from .lora_files import read_lora
+
+    weights = read_lora(file)
     for part, model in models.items():
-        prefix = f"{part}."
-        own = {to_peft_name(k[len(prefix) :]): v for k, v in state.items() if k.startswith(prefix)}
+        own = weights.parts.get(part)
         if not own:
             raise ValueError(f"{file}: holds no {part} LoRA weights")
+        if part != "unet" and not hasattr(
+            model, "text_model"
+        ):  # transformers 5's CLIPTextModel has no such root
+            own = {k.removeprefix("text_model."): v for k, v in own.items()}
         result = set_peft_model_state_dict(model, own)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"{file}: keys that do not fit this {part}: {unexpected[:3]}")
-
-
-def save_lora(
-    models: dict[str, torch.nn.Module], family, folder: str | Path, metadata: dict[str, str]
-) -> Path:
-    """Write folder/pytorch_lora_weights.safetensors in the diffusers format (with the adapters' settings
-    and `metadata` in its header), atomically."""
-    import tempfile
-
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from .fileio import atomic_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    kwargs = {}
-    for part, model in models.items():
-        kwargs[f"{part}_lora_layers"] = convert_state_dict_to_diffusers(peft_state(model))
-        kwargs[f"{part}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as tmp:
-        family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
-        with safe_open(str(Path(tmp) / LORA_WEIGHT_NAME), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-            header = {**(f.metadata() or {}), **metadata}
-    with atomic_file(folder / LORA_WEIGHT_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    return folder / LORA_WEIGHT_NAME
-
-
-def save_kohya_copy(
-    models: dict[str, torch.nn.Module], family, folder: str | Path, metadata: dict[str, str]
-) -> Path:
-    """Write folder/pytorch_lora_weights_kohya.safetensors: `lora_unet_<module>.lora_down/lora_up.weight`
-    plus `.alpha` (our lora_alpha, so the strength matches), the format A1111 and ComfyUI read."""
-    from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
-
-    from .fileio import atomic_file
-
-    folder = Path(folder)
-    unet = models["unet"]
-    alpha = float(unet.peft_config["default"].lora_alpha)
-    peft = {f"unet.{k}": v for k, v in peft_state(unet).items()}
-    kohya = {
-        k: torch.tensor(alpha) if k.endswith(".alpha") else v
-        for k, v in convert_state_dict_to_kohya(peft).items()  # (it sets every alpha to the rank)
-    }
-    with atomic_file(folder / KOHYA_WEIGHT_NAME) as tmp:
-        save_file(kohya, str(tmp), metadata=metadata)
-    return folder / KOHYA_WEIGHT_NAME

@@ -3,7 +3,7 @@
 Three formats are accepted, all handed to diffusers' `load_lora_weights`, which converts them itself:
 
 - ours (diffusers): `unet.<module>.lora.down.weight` / `.lora.up.weight` in `pytorch_lora_weights.safetensors`,
-  with the adapter's settings (lora_alpha) in the file's header; `sdlora.lora.save_lora` writes it for the
+  with the adapter's settings (lora_alpha) in the file's header; `sdlora.lora.save_lora_files` writes it for the
   final weights and for every `checkpoint-N/`.
 - kohya / A1111: `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight` and `.alpha`
   (also `lora_te_...` for the text encoder), in a `.safetensors` file.
@@ -202,8 +202,12 @@ def _misfit(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> str | Non
         return f"layer {name!r} is not in this model"
     if kind.startswith("A.") and tensor.shape[1] != weight.shape[1]:
         return f"layer {name!r} takes {weight.shape[1]} inputs, the LoRA's {tensor.shape[1]}"
-    if (kind.startswith("B.") or kind.startswith("magnitude")) and tensor.shape[0] != weight.shape[0]:
+    if kind.startswith("B.") and tensor.shape[0] != weight.shape[0]:
         return f"layer {name!r} has {weight.shape[0]} outputs, the LoRA's {tensor.shape[0]}"
+    if (
+        kind.startswith("magnitude") and tensor.numel() != weight.shape[0]
+    ):  # (out,), or (1, out, 1, 1) for convs
+        return f"layer {name!r} has {weight.shape[0]} outputs, the LoRA's DoRA magnitude {tensor.numel()}"
     return None
 
 
@@ -246,17 +250,26 @@ def _diffusers_errors_only():
 
 def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLora:
     """Load a LoRA (folder or file, any accepted format) into a Stable Diffusion pipeline as adapter 'lora'."""
+    import tempfile
+
     lora = lora or read_lora_file(find_lora_file(path))
     layers = check_fits(lora, pipe)
-    # Our files keep lora_alpha in the safetensors header, which diffusers reads only from a path (a dict
-    # would get alpha = rank). A safetensors path is safe to hand over; everything else goes as tensors.
-    source = str(lora.path) if lora.has_adapter_metadata else lora.state_dict
-    try:
-        with _diffusers_errors_only():
-            pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME)
-    except (ValueError, RuntimeError, KeyError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{lora.path}: diffusers could not load this LoRA ({reason})") from None
+    with tempfile.TemporaryDirectory(prefix="sdlora-") as tmp:
+        # Our files keep lora_alpha in the safetensors header, which diffusers reads only from a path (a dict
+        # would get alpha = rank). A safetensors path is safe to hand over; everything else goes as tensors.
+        source = str(lora.path) if lora.has_adapter_metadata else lora.state_dict
+        if lora.format == "kohya" and any(k.endswith(".dora_scale") for k in lora.state_dict):
+            # diffusers' kohya loader drops DoRA's dora_scale (with a warning): go through our own reader,
+            # which keeps it, and the diffusers-format writer.
+            from .lora_weights import write_diffusers
+
+            source = str(write_diffusers(read_lora(lora.path), Path(tmp) / "lora.safetensors"))
+        try:
+            with _diffusers_errors_only():
+                pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME)
+        except (ValueError, RuntimeError, KeyError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{lora.path}: diffusers could not load this LoRA ({reason})") from None
     return LoadedLora(lora.path, lora.format, layers)
 
 

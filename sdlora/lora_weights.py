@@ -186,7 +186,8 @@ def weights_from_models(
         if part not in PARTS:
             raise ValueError(f"model part {part!r}: use one of {', '.join(PARTS)}")
         model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        # (save_embedding_layers=False: no embeddings are adapted; "auto" looks for a config and warns)
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         module_alphas = {}
         for name, layer in model.named_modules():
@@ -239,6 +240,21 @@ def adapter_config(weights: LoraWeights, part: str) -> dict:
     return config.to_dict()
 
 
+def _file_metadata(weights: LoraWeights) -> dict[str, str]:
+    """A file's header: the weights' metadata, with the ss_network_* keys computed from the tensors (they
+    describe this file) and any ss_network_args of the trainer's (e.g. its layer set) kept beside them."""
+    metadata = _with_family(weights)
+    derived = network_metadata(weights.parts, weights.alphas)
+    args = {
+        **json.loads(derived.get("ss_network_args", "{}")),
+        **json.loads(metadata.get("ss_network_args", "{}")),
+    }
+    metadata.update(derived)
+    if args:
+        metadata["ss_network_args"] = json.dumps(args)
+    return metadata
+
+
 def _with_family(weights: LoraWeights) -> dict[str, str]:
     metadata = dict(weights.metadata)
     if weights.family and "ss_base_model_version" not in metadata:
@@ -279,7 +295,7 @@ def write_diffusers(weights: LoraWeights, path: str | Path) -> Path:
         with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt", device="cpu") as f:
             names, header = f.keys(), dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in names}
-    header.update(_with_family(weights))
+    header.update(_file_metadata(weights))
     with atomic_file(path) as tmp_file:
         save_file(tensors, str(tmp_file), metadata=header)
     return path
@@ -381,7 +397,7 @@ def write_kohya(weights: LoraWeights, path: str | Path) -> Path:
         tensors = to_kohya(weights.parts, weights.alphas, weights.sdxl, weights.sgm_layout or SDXL_LAYOUT)
     except KohyaFormatError as e:
         raise UserError(f"{path}: cannot write it in kohya's format: {e}") from None
-    metadata = {**_with_family(weights), **network_metadata(weights.parts, weights.alphas)}
+    metadata = _file_metadata(weights)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

@@ -41,9 +41,6 @@ def lora_metadata(args, run: RunInfo, step: int, epoch: int) -> dict[str, str]:
     output_name = Path(args.output_dir).name
     width = height = args.resolution
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(spec.rank),
-        "ss_network_alpha": str(float(spec.alpha)),
         "ss_network_args": json.dumps({k: v for k, v in network_args.items() if v is not None}),
         "ss_base_model_version": family.base_model_version(prediction),
         "ss_v2": str(family.name == "sd2"),

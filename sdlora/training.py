@@ -72,12 +72,18 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, args, total_steps: int):
     )
 
 
+def step_seed(seed: int, step: int, micro: int, rank: int, stream: int = 0) -> int:
+    """A seed that is a pure function of (seed, step, micro-batch, process, stream)."""
+    return int(
+        np.random.SeedSequence([seed, step, micro, rank, stream]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     """The random stream of one micro-batch: a pure function of (seed, step, micro-batch, process),
     so a resumed run draws exactly the noise and timesteps an uninterrupted run would."""
-    state = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
     generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    return generator.manual_seed(state)
+    return generator.manual_seed(step_seed(seed, step, micro, rank))
 
 
 def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
