@@ -150,16 +150,22 @@ def read_model_config(model: str, filename: str, revision: str | None = None) ->
         ) from None
 
 
+def family_of_unet_config(config) -> Family:
+    """The family a UNet belongs to: SDXL (text_time added conditioning), SD 2.x (linear transformer
+    projections or 1024-wide cross-attention, as OpenCLIP's text encoder gives), else SD 1.x."""
+    if config.get("addition_embed_type") == "text_time":  # (a UNet's config is a dict)
+        return SDXL
+    if config.get("use_linear_projection") or config.get("cross_attention_dim") == 1024:
+        return SD2
+    return SD1
+
+
 def detect_family(model: str, revision: str | None = None) -> Family:
-    """The family of a diffusers model: SDXL from its pipeline class, SD 2.x from its UNet (linear
-    transformer projections or 1024-wide cross-attention, as OpenCLIP's text encoder gives), else SD 1.x."""
+    """The family of a diffusers model folder or Hub id: SDXL from its pipeline class, else from its UNet."""
     index = read_model_config(model, "model_index.json", revision)
     if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
         return SDXL
-    unet = read_model_config(model, "unet/config.json", revision)
-    if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024:
-        return SD2
-    return SD1
+    return family_of_unet_config(read_model_config(model, "unet/config.json", revision))
 
 
 def main() -> None:

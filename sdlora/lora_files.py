@@ -248,11 +248,27 @@ def _diffusers_errors_only():
         diffusers_logging.set_verbosity(level)
 
 
+def check_family(weights, family: str, lora_name: str, model_name: str) -> None:
+    """UserError naming the LoRA when it was made for another family than the base model's."""
+    from .families import FAMILIES
+
+    if weights.family and weights.family != family:
+        raise UserError(
+            f"{lora_name}: a LoRA for {FAMILIES[weights.family].title}, but {model_name} is "
+            f"{FAMILIES[family].title}; use a base model of the LoRA's family"
+        )
+
+
 def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLora:
     """Load a LoRA (folder or file, any accepted format) into a Stable Diffusion pipeline as adapter 'lora'."""
     import tempfile
 
+    from .families import family_of_unet_config
+
     lora = lora or read_lora_file(find_lora_file(path))
+    check_family(
+        read_lora(lora.path), family_of_unet_config(pipe.unet.config).name, str(lora.path), pipe.name_or_path
+    )
     layers = check_fits(lora, pipe)
     with tempfile.TemporaryDirectory(prefix="sdlora-") as tmp:
         # Our files keep lora_alpha in the safetensors header, which diffusers reads only from a path (a dict

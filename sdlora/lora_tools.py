@@ -29,7 +29,7 @@ from .errors import UserError, run_cli
 from .families import FAMILIES, detect_family
 from .kohya import LORA_A, LORA_B, MAGNITUDE, SDXL_LAYOUT, is_conv3, kohya_module_name
 from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
-from .lora_files import find_lora_file, lora_format, read_lora
+from .lora_files import check_family, find_lora_file, lora_format, read_lora
 from .lora_weights import (
     LoraWeights,
     float32,
@@ -313,15 +313,6 @@ def _quiet_loading():
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
-
-
-def check_family(weights: LoraWeights, family: str, lora_name: str, model_name: str) -> None:
-    """UserError naming the LoRA when it was made for another family than the base model's."""
-    if weights.family and weights.family != family:
-        raise UserError(
-            f"{lora_name}: a LoRA for {_title(weights.family)}, but {model_name} is {_title(family)}; "
-            "use a base model of the LoRA's family"
-        )
 
 
 def check_fits(weights: LoraWeights, pipe, lora_name: str, model_name: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .families import FAMILIES
+from .families import FAMILIES, family_of_unet_config
 from .fileio import atomic_file
 from .kohya import (
     LORA_A,
@@ -121,15 +121,6 @@ def float32(value: float) -> float:
     return torch.tensor(float(value), dtype=torch.float32).item()
 
 
-def family_of_unet_config(config) -> str:
-    """sdxl (added text_time conditioning), sd2 (linear transformer projections or 1024-wide
-    cross-attention, as families.detect_family tells a model folder's) or sd1."""
-    if config.get("addition_embed_type") == "text_time":  # (a UNet's config is a dict)
-        return "sdxl"
-    linear = config.get("use_linear_projection", False)
-    return "sd2" if linear or config.get("cross_attention_dim") == 1024 else "sd1"
-
-
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
     """The family a kohya header names (ss_base_model_version, modelspec.architecture), or None."""
     version = metadata.get("ss_base_model_version", "")
@@ -205,7 +196,7 @@ def weights_from_models(
     if family is None and "text_encoder_2" in models:
         family = "sdxl"
     elif family is None and unet is not None:
-        family = family_of_unet_config(unet.config)
+        family = family_of_unet_config(unet.config).name
     layout = SgmLayout.from_unet_config(unet.config) if family == "sdxl" and unet is not None else None
     return LoraWeights(parts, alphas, family, dict(metadata or {}), layout)
 

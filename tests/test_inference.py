@@ -18,8 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdlora.errors import UserError
+from sdlora.families import SD1
 from sdlora.generation import generate, load_pipeline
-from sdlora.lora import LORA_WEIGHT_NAME, add_lora, load_lora_into_unet, save_lora
+from sdlora.lora import LORA_WEIGHT_NAME, add_lora, load_lora_into_models, save_lora_files
 
 pytestmark = pytest.mark.slow
 
@@ -282,7 +283,8 @@ def test_kohya_file_gives_the_original_image(tmp_path, tiny_model, trained, alph
 def test_old_attention_processor_bin_gives_the_original_image(tmp_path, tiny_model, trained):
     old = {}
     for key, tensor in load_file(str(trained / LORA_WEIGHT_NAME)).items():
-        key = key.removeprefix("unet.").replace(".to_out.0.lora.", ".processor.to_out_lora.")
+        key = key.removeprefix("unet.").replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+        key = key.replace(".to_out.0.lora.", ".processor.to_out_lora.")
         for proj in ("to_q", "to_k", "to_v"):
             key = key.replace(f".{proj}.lora.", f".processor.{proj}_lora.")
         old[key] = tensor
@@ -300,11 +302,11 @@ def test_our_lora_alpha_from_the_file_header_is_applied(tmp_path, tiny_model, tr
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     add_lora(unet, rank=4, alpha=8)
-    load_lora_into_unet(unet, trained / LORA_WEIGHT_NAME)
+    load_lora_into_models({"unet": unet}, trained / LORA_WEIGHT_NAME)
     for name, param in unet.named_parameters():
         if "lora_B" in name:
             param.data *= 0.5  # alpha 8 at rank 4 doubles the effect: same weights overall
-    save_lora(unet, tmp_path / "alpha8")
+    save_lora_files({"unet": unet}, SD1, tmp_path / "alpha8", {})
     pipe, _ = load_pipeline(str(tiny_model), tmp_path / "alpha8")
     original, _ = load_pipeline(str(tiny_model), trained)
     assert np.abs(one_image(pipe) - one_image(original)).max() <= 2
@@ -330,7 +332,7 @@ def other_unet_lora(tmp_path_factory) -> Path:
         norm_num_groups=32,
     )
     add_lora(unet, rank=4, alpha=4)
-    return save_lora(unet, tmp_path_factory.mktemp("other") / "wide")
+    return save_lora_files({"unet": unet}, SD1, tmp_path_factory.mktemp("other") / "wide", {})
 
 
 class RunsCode:

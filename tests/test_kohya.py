@@ -45,21 +45,22 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-_PIPES: dict = {}
+_MODELS: dict = {}
 
 
 def tiny_pipeline(family: str, root: Path):
-    """(model folder, pipeline) of the tiny model of a family, built once per test session."""
+    """(model folder, pipeline) of the tiny model of a family: the folder is built once per test session, the
+    pipeline is a fresh one each time (loading and deleting adapters does not always restore a pipeline
+    exactly, and a test must not see another's leftovers)."""
     from diffusers import DiffusionPipeline
 
     from sdlora.tiny_model import save_tiny_model
 
-    if family not in _PIPES:
-        path = save_tiny_model(root / f"tiny-{family}", family=family)
-        pipe = DiffusionPipeline.from_pretrained(path)
-        pipe.set_progress_bar_config(disable=True)
-        _PIPES[family] = (path, pipe)
-    return _PIPES[family]
+    if family not in _MODELS:
+        _MODELS[family] = save_tiny_model(root / f"tiny-{family}", family=family)
+    pipe = DiffusionPipeline.from_pretrained(_MODELS[family])
+    pipe.set_progress_bar_config(disable=True)
+    return _MODELS[family], pipe
 
 
 def image(pipe, **kwargs) -> np.ndarray:
