@@ -158,79 +158,51 @@ def read_lora_file(path: str | Path) -> LoraFile:
     return LoraFile(path, fmt, state, has_metadata)
 
 
-def _peft_layers(lora: LoraFile, pipe) -> dict[str, dict[str, torch.Tensor]]:
-    """The file's tensors under peft names (`<module>.lora_A.weight`), per model part, as diffusers will see them."""
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
-
+def _misfit(model: torch.nn.Module, part: str, module: str, weights) -> str | None:
+    """Why this LoRA layer cannot go onto the model, or None if it fits."""
+    path = module if part == "unet" or hasattr(model, "text_model") else module.removeprefix("text_model.")
     try:
-        converted, _ = type(pipe).lora_state_dict(dict(lora.state_dict))  # kohya -> diffusers names
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{lora.path}: LoRA key names diffusers cannot convert ({e})") from None
-    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
-    for key, tensor in converted.items():
-        part, _, rest = key.partition(".")
-        if part not in parts:
-            raise UserError(
-                f"{lora.path}: not a LoRA for this base model: it has layers for a model part a Stable "
-                f"Diffusion 1.x/2.x pipeline lacks (e.g. {key!r}); was it made for SDXL or another family?"
-            )
-        parts[part][rest] = tensor
-    try:
-        if parts["unet"]:
-            parts["unet"] = convert_unet_state_dict_to_peft(parts["unet"])
-        if parts["text_encoder"]:
-            te = convert_state_dict_to_peft(convert_state_dict_to_diffusers(parts["text_encoder"]))
-            # Same renaming as diffusers' text-encoder loader: CLIPTextModel may be flattened in transformers 5.
-            if not hasattr(pipe.text_encoder, "text_model"):
-                te = {k.removeprefix("text_model."): v for k, v in te.items()}
-            parts["text_encoder"] = te
-    except ValueError as e:
-        raise UserError(f"{lora.path}: LoRA key names diffusers cannot convert ({e})") from None
-    return {part: layers for part, layers in parts.items() if layers}
-
-
-def _misfit(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> str | None:
-    """Why this LoRA tensor cannot go onto the model, or None if it fits."""
-    name, _, kind = key.partition(".lora_")
-    try:
-        weight = model.get_submodule(name).weight  # (out, in, *kernel)
+        weight = model.get_submodule(path).weight  # (out, in, *kernel)
     except AttributeError:
-        return f"layer {name!r} is not in this model"
-    if kind.startswith("A.") and tensor.shape[1] != weight.shape[1]:
-        return f"layer {name!r} takes {weight.shape[1]} inputs, the LoRA's {tensor.shape[1]}"
-    if kind.startswith("B.") and tensor.shape[0] != weight.shape[0]:
-        return f"layer {name!r} has {weight.shape[0]} outputs, the LoRA's {tensor.shape[0]}"
-    if (
-        kind.startswith("magnitude") and tensor.numel() != weight.shape[0]
-    ):  # (out,), or (1, out, 1, 1) for convs
-        return f"layer {name!r} has {weight.shape[0]} outputs, the LoRA's DoRA magnitude {tensor.numel()}"
+        return f"layer {module!r} is not in this model"
+    delta = weights.delta(part, module)  # (out, in, *kernel) as the LoRA would add it
+    if delta.shape[1:] != weight.shape[1:]:
+        return f"layer {module!r} takes {tuple(weight.shape[1:])} inputs, the LoRA's {tuple(delta.shape[1:])}"
+    if delta.shape[0] != weight.shape[0]:
+        return f"layer {module!r} has {weight.shape[0]} outputs, the LoRA's {delta.shape[0]}"
+    magnitude = weights.magnitude(part, module)
+    if magnitude is not None and magnitude.numel() != weight.shape[0]:  # (out,), or (1, out, 1, 1) for convs
+        return (
+            f"layer {module!r} has {weight.shape[0]} outputs, the LoRA's DoRA magnitude {magnitude.numel()}"
+        )
     return None
 
 
-def check_fits(lora: LoraFile, pipe) -> dict[str, int]:
-    """Number of LoRA layers per model part; UserError naming a layer that the pipeline lacks or that differs in shape.
+def check_fits(weights, pipe, lora_name: str) -> dict[str, int]:
+    """Number of LoRA layers per model part (weights: lora_weights.LoraWeights); UserError naming a part or
+    layer that the pipeline lacks or that differs in shape.
 
     Checked before loading because diffusers skips unknown layers with a warning and reports a shape
     mismatch as a long peft traceback.
     """
     counts = {}
-    for part, tensors in _peft_layers(lora, pipe).items():
-        model = getattr(pipe, part)
-        misfits = [(key, why) for key, t in tensors.items() if (why := _misfit(model, key, t))]
-        layers = {key.partition(".lora_")[0] for key in tensors}
-        if misfits:
-            bad = {key.partition(".lora_")[0] for key, _ in misfits}
+    for part in weights.parts:
+        model = getattr(pipe, part, None)
+        if model is None:
             raise UserError(
-                f"{lora.path}: not a LoRA for this base model: {len(bad)} of its {len(layers)} "
-                f"{part.replace('_', ' ')} layers do not fit ({misfits[0][1]}); was it trained on another model?"
+                f"{lora_name}: not a LoRA for this base model: it has {part.replace('_', ' ')} layers, which "
+                f"{pipe.name_or_path} lacks; was it made for another family?"
             )
-        counts[part] = len(layers)
-    if not counts:
-        raise UserError(f"{lora.path}: not a LoRA file: it holds no LoRA layers")
+        modules = weights.modules(part)
+        misfits = [why for module in modules if (why := _misfit(model, part, module, weights))]
+        if misfits:
+            raise UserError(
+                f"{lora_name}: not a LoRA for this base model: {len(misfits)} of its {len(modules)} "
+                f"{part.replace('_', ' ')} layers do not fit ({misfits[0]}); was it trained on another model?"
+            )
+        counts[part] = len(modules)
+    if not any(counts.values()):
+        raise UserError(f"{lora_name}: not a LoRA file: it holds no LoRA layers")
     return counts
 
 
@@ -266,10 +238,9 @@ def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLor
     from .families import family_of_unet_config
 
     lora = lora or read_lora_file(find_lora_file(path))
-    check_family(
-        read_lora(lora.path), family_of_unet_config(pipe.unet.config).name, str(lora.path), pipe.name_or_path
-    )
-    layers = check_fits(lora, pipe)
+    weights = read_lora(lora.path)
+    check_family(weights, family_of_unet_config(pipe.unet.config).name, str(lora.path), pipe.name_or_path)
+    layers = check_fits(weights, pipe, str(lora.path))
     with tempfile.TemporaryDirectory(prefix="sdlora-") as tmp:
         # Our files keep lora_alpha in the safetensors header, which diffusers reads only from a path (a dict
         # would get alpha = rank). A safetensors path is safe to hand over; everything else goes as tensors.
@@ -279,7 +250,7 @@ def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLor
             # which keeps it, and the diffusers-format writer.
             from .lora_weights import write_diffusers
 
-            source = str(write_diffusers(read_lora(lora.path), Path(tmp) / "lora.safetensors"))
+            source = str(write_diffusers(weights, Path(tmp) / "lora.safetensors"))
         try:
             with _diffusers_errors_only():
                 pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME)

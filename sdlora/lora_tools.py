@@ -29,7 +29,7 @@ from .errors import UserError, run_cli
 from .families import FAMILIES, detect_family
 from .kohya import LORA_A, LORA_B, MAGNITUDE, SDXL_LAYOUT, is_conv3, kohya_module_name
 from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
-from .lora_files import check_family, find_lora_file, lora_format, read_lora
+from .lora_files import check_family, check_fits, find_lora_file, lora_format, read_lora
 from .lora_weights import (
     LoraWeights,
     float32,
@@ -315,29 +315,6 @@ def _quiet_loading():
         transformers_logging.set_verbosity(levels[1])
 
 
-def check_fits(weights: LoraWeights, pipe, lora_name: str, model_name: str) -> None:
-    """UserError naming the LoRA when one of its layers is not in the model or differs in shape there."""
-    for part in weights.parts:
-        model = getattr(pipe, part, None)
-        if model is None:
-            raise UserError(f"{lora_name}: has {part} layers, but {model_name} has no {part}")
-        for module in weights.modules(part):
-            path = (
-                module
-                if part == "unet" or hasattr(model, "text_model")
-                else module.removeprefix("text_model.")
-            )
-            try:
-                shape = model.get_submodule(path).weight.shape
-            except AttributeError:
-                raise UserError(f"{lora_name}: layer {part}.{module} is not in {model_name}") from None
-            if tuple(shape) != tuple(weights.delta(part, module).shape):
-                raise UserError(
-                    f"{lora_name}: not a LoRA for {model_name}: {part}.{module} is {tuple(shape)} there, "
-                    f"{tuple(weights.delta(part, module).shape)} in the LoRA"
-                )
-
-
 def load_base_pipeline(model: str):
     """The base model's pipeline (any family) on the CPU in fp32."""
     from diffusers import DiffusionPipeline
@@ -366,7 +343,7 @@ def fuse(
     model = resolve_model(base_model)
     check_family(weights, detect_family(model).name, str(lora), model)  # before the model loads
     pipe = load_base_pipeline(model)
-    check_fits(weights, pipe, str(lora), model)
+    check_fits(weights, pipe, str(lora))
     with tempfile.TemporaryDirectory() as tmp, _quiet_loading():
         write_diffusers(weights, Path(tmp) / LORA_WEIGHT_NAME)
         pipe.load_lora_weights(tmp, adapter_name="fused")

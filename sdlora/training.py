@@ -203,7 +203,7 @@ def make_accelerator(args):
     Returns (accelerator, dtype of the frozen weights).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
     from .images import parse_color
 
@@ -212,6 +212,9 @@ def make_accelerator(args):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
+        # SDXL conditions on the first text encoder's penultimate layer: the LoRA of its last layer gets no
+        # gradient, which DDP must be told to expect (a small cost per step, only with --train_text_encoder).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -253,3 +254,18 @@ def rich_dataset(tmp_path_factory, tiny_dataset) -> Path:
     out = tmp_path_factory.mktemp("rich") / "dataset"
     ds.save_to_disk(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory) -> str:
+    """A kernelspec for this interpreter, so the notebook runs in the test's venv whatever else is installed."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / "sdlora-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "sdlora test", "language": "python"})
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(root))
+        yield "sdlora-test"

@@ -77,21 +77,6 @@ def trained(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> str:
-    """A kernelspec for this interpreter, so the notebook runs in the test's venv whatever else is installed."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec = root / "kernels" / "sdlora-test"
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": "sdlora test", "language": "python"})
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(root))
-        yield "sdlora-test"
-
-
 def inject_parameters(nb, params: dict) -> None:
     """What papermill does: a cell tagged injected-parameters right after the cell tagged parameters."""
     nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]

@@ -1,0 +1,211 @@
+"""One trainer for every family: SD 2.x (v-prediction) and SDXL trained, killed and resumed, loaded in their
+own pipelines and through kohya's copies, sampled right, and SDXL's size/crop conditioning from the buckets."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+from conftest import lora_header, lora_weights, run_script, same_weights, script_command, train, train_command
+from diffusers import DiffusionPipeline
+
+from sdlora.checkpoints import list_checkpoints
+from sdlora.generation import generate, inference_scheduler, load_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    from sdlora.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("sd2") / "tiny-sd2", family="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from sdlora.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", family="sdxl")
+
+
+def pixels(pipe, **kwargs) -> np.ndarray:
+    kwargs = {
+        "num_inference_steps": 2,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "np",
+        **kwargs,
+    }
+    return pipe("a red circle", **kwargs).images
+
+
+def family_pipeline(model):
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_files(model, out, kohya_prefixes):
+    """Both files load in the family's own pipeline, change its image, and give the same image."""
+    base = pixels(family_pipeline(model))
+    pipe = family_pipeline(model)
+    pipe.load_lora_weights(str(out))
+    ours = pixels(pipe)
+    assert np.abs(ours - base).max() > 1e-3
+    kohya = family_pipeline(model)
+    kohya.load_lora_weights(str(out), weight_name="pytorch_lora_weights_kohya.safetensors")
+    assert np.abs(pixels(kohya) - ours).max() < 1e-4
+    keys = lora_weights(out, "pytorch_lora_weights_kohya.safetensors")
+    assert {k.split("_")[0] + "_" + k.split("_")[1] for k in keys} == set(kohya_prefixes)
+    return keys
+
+
+SD2_RUN = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--random_flip", "--train_text_encoder")
+
+
+def test_sd2_trains_with_v_prediction_resumes_and_samples_as_v(tmp_path, tiny_sd2, tiny_dataset):
+    a = train(tiny_sd2, tiny_dataset, tmp_path / "a", *SD2_RUN)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "resolution = 96" in a.stderr  # SD 2's native size (768 for the real one)
+    assert json.loads((tmp_path / "a" / "args.json").read_text())["prediction_type"] == "v_prediction"
+    meta = lora_header(tmp_path / "a", "pytorch_lora_weights_kohya.safetensors")
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_v2"] == "True"
+    assert (
+        meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+        and meta["modelspec.prediction_type"] == "v"
+    )
+    check_files(tiny_sd2, tmp_path / "a", {"lora_unet", "lora_te"})
+    # Killed (SIGKILL) after step 5, then resumed from checkpoint-3: bit for bit the uninterrupted run.
+    killed = run_script(
+        script_command(tiny_sd2, tiny_dataset, tmp_path / "b", *SD2_RUN), env={"SDLORA_KILL_AT": "step:5"}
+    )
+    assert killed.returncode == -signal.SIGKILL and list_checkpoints(tmp_path / "b")[-1][0] == 3
+    b = train(tiny_sd2, tiny_dataset, tmp_path / "b", *SD2_RUN, "--resume_from_checkpoint", "latest")
+    assert b.returncode == 0 and same_weights(tmp_path / "a", tmp_path / "b")
+    # Sampled with v-prediction, as trained: not the same image as the same LoRA sampled as epsilon.
+    pipe, _ = load_pipeline(str(tiny_sd2), tmp_path / "a")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    as_v = np.asarray(generate(pipe, "a red circle", num_inference_steps=3)[0], dtype=int)
+    pipe.scheduler = inference_scheduler(str(tiny_sd2), "epsilon")
+    as_eps = np.asarray(generate(pipe, "a red circle", num_inference_steps=3)[0], dtype=int)
+    assert np.abs(as_v - as_eps).mean() > 1
+
+
+SDXL_RUN = (
+    *("--max_train_steps", "6", "--checkpointing_steps", "3", "--random_flip", "--train_text_encoder"),
+    *(
+        "--use_8bit_adam",
+        "--validation_split",
+        "2",
+        "--validation_loss_steps",
+        "3",
+        "--train_batch_size",
+        "1",
+    ),
+    *("--validation_prompt", "a red circle", "--validation_steps", "3", "--num_validation_images", "1"),
+    *("--validation_num_inference_steps", "2"),
+)
+
+
+def test_sdxl_on_two_processes_with_8bit_adam_held_out_loss_kill_and_resume(
+    tmp_path, tiny_sdxl, tiny_dataset
+):
+    a = run_script(train_command(tiny_sdxl, tiny_dataset, tmp_path / "a", *SDXL_RUN, processes=2))
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "resolution = 128" in a.stderr and "total batch size (parallel x accumulation) = 2" in a.stderr
+    out = tmp_path / "a"
+    assert (out / "best" / "step.json").is_file() and (out / "validation" / "step-3").is_dir()
+    meta = lora_header(out)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    keys = check_files(tiny_sdxl, out, {"lora_unet", "lora_te1", "lora_te2"})
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in keys)
+    assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
+    assert any(k.startswith("lora_unet_output_blocks_") for k in keys)
+    # Our loader (the notebook's and sdlora.generate's) takes SDXL too, at its native size.
+    pipe, lora = load_pipeline(str(tiny_sdxl), out)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and set(lora.layers) == {
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+    }
+    assert generate(pipe, "a red circle", num_inference_steps=2)[0].size == (128, 128)
+
+    killed = run_script(
+        train_command(tiny_sdxl, tiny_dataset, tmp_path / "b", *SDXL_RUN, processes=2),
+        env={"SDLORA_KILL_AT": "step:5"},
+    )
+    assert killed.returncode != 0 and list_checkpoints(tmp_path / "b")[-1][0] == 3
+    b = run_script(
+        train_command(
+            tiny_sdxl,
+            tiny_dataset,
+            tmp_path / "b",
+            *SDXL_RUN,
+            "--resume_from_checkpoint",
+            "latest",
+            processes=2,
+        )
+    )
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert (
+        same_weights(out, tmp_path / "b")
+        and (out / "validation_loss.csv").read_text() == (tmp_path / "b" / "validation_loss.csv").read_text()
+    )
+
+
+def test_a_lora_for_another_family_is_refused_naming_both(tmp_path, tiny_model, tiny_sdxl, tiny_dataset):
+    from sdlora.errors import UserError
+
+    assert train(tiny_model, tiny_dataset, tmp_path / "sd1", "--max_train_steps", "1").returncode == 0
+    with pytest.raises(UserError, match=r"a LoRA for SD 1\.x, but .* is SDXL"):
+        load_pipeline(str(tiny_sdxl), tmp_path / "sd1")
+
+
+def test_sdxl_time_ids_follow_each_images_size_bucket_crop_and_flip(tiny_sdxl):
+    from sdlora.buckets import BucketSettings
+    from sdlora.caption_controls import CaptionControls
+    from sdlora.data import Augment, TrainImages
+    from sdlora.models import load_base_model
+    from sdlora.training import Conditioning
+
+    base = load_base_model(str(tiny_sdxl))
+    images = TrainImages([], "image", ["a"], Augment(0, True), CaptionControls())
+    images.sizes = [(300, 180)]  # a landscape photo
+    images.place(BucketSettings("bucket", 128, 32, 64, 256))
+    p = images.placements[0]
+    assert p.bucket == (160, 96) and p.original == (300, 180)
+    left, top = p.crop
+    conditioning = Conditioning(base, images, None, None, base.text_encoders, "cpu", torch.float32)
+    batch = {"index": torch.tensor([0, 0]), "flip": torch.tensor([False, True]), "crop": [p.crop, p.crop]}
+    ids = conditioning.time_ids(batch).tolist()
+    # (original h, w, crop top, left, target h, w); a flipped picture's crop corner is mirrored.
+    assert ids[0] == [180, 300, top, left, 96, 160]
+    assert ids[1] == [180, 300, top, p.resized[0] - left - 160, 96, 160]
+
+
+def test_the_notebook_runs_headless_on_sdxl(tmp_path, tiny_sdxl, tiny_dataset, kernel):
+    from PIL import Image
+    from test_inference import displayed_images, run_notebook
+
+    assert (
+        train(
+            tiny_sdxl, tiny_dataset, tmp_path / "lora", "--max_train_steps", "2", "--learning_rate", "1e-2"
+        ).returncode
+        == 0
+    )
+    params = {
+        "base_model": str(tiny_sdxl),
+        "lora_path": str(tmp_path / "lora"),
+        "prompts": ["a red circle"],
+        "output_dir": str(tmp_path / "results"),
+        "num_images": 1,
+        "num_inference_steps": 2,
+    }
+    nb = run_notebook(kernel, params)
+    (png,) = (tmp_path / "results").rglob("image_0.png")
+    assert Image.open(png).size == (128, 128)  # SDXL's native size (1024 for the real one)
+    assert displayed_images(nb)  # the grids, the side-by-side and the scale sweep ran
