@@ -30,7 +30,9 @@ if [ -z "$MODEL_NAME" ]; then
     sd2|sdxl) MODEL="tiny-$FAMILY"; OUTPUT_DIR="${OUTPUT_DIR:-output/tiny-$FAMILY-lora}" ;;
     *) echo "error: FAMILY=$FAMILY: use sd1, sd2 or sdxl" >&2; exit 2 ;;
   esac
-  LAUNCH="${LAUNCH:---cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(getconf _NPROCESSORS_ONLN)}"
+  # Every core, unless OMP_NUM_THREADS says otherwise (more threads than free cores makes a step many times slower).
+  THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN)}"
+  LAUNCH="${LAUNCH:---cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $THREADS}"
   RECIPE="--pretrained_model_name_or_path $MODEL --train_batch_size 4 --max_train_steps 200 --learning_rate 1e-3
     --lr_scheduler constant --checkpointing_steps 100 --validation_epochs 50 --num_validation_images 2
     --validation_num_inference_steps 20"

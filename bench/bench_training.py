@@ -2,7 +2,9 @@
 
     python bench/bench_training.py --suite tiny          # seconds: the built-in tiny model
     python bench/bench_training.py --suite cpu           # tiny + SD 1.5 architecture at 256 and 512 (about 15 min on 2 cores)
-    python bench/bench_training.py --suite gpu           # on a CUDA machine: SD 1.5 at 512, batch 1 and 8, fp16/bf16, 8-bit Adam, checkpointing
+    python bench/bench_training.py --suite buckets       # SD 1.5 at 512 on 4:3 photos: the diffusers example's default against ours
+    python bench/bench_training.py --suite sdxl          # the SDXL architecture at 512, plain and cached, and peak memory
+    python bench/bench_training.py --suite gpu           # on a CUDA machine: SD 1.5 at 512 and SDXL at 1024, fp16/bf16, 8-bit Adam, checkpointing
 
 Models are built from configs with random weights (no downloads): the built-in tiny model and the full
 SD 1.5 architecture (UNet 320/640/1280/1280, cross-attention 768; VAE 128/256/512/512; 12-layer CLIP).
@@ -37,11 +39,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_sd15(seed: int = 0):
-    """The Stable Diffusion 1.5 architecture from configs, random weights."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip(hidden: int, layers: int, heads: int, act: str, projection: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        hidden_act=act,
+        projection_dim=projection,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _sd_vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_sd15(seed: int = 0):
+    """The Stable Diffusion 1.5 architecture from configs, random weights, as the trainer's BaseModel."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from sdlora.families import SD1
+    from sdlora.models import BaseModel
     from sdlora.tiny_model import build_tiny_pipeline
 
     torch.manual_seed(seed)
@@ -54,67 +87,85 @@ def build_sd15(seed: int = 0):
         attention_head_dim=8,
         layers_per_block=2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            vocab_size=49408,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        )
-    )
+    vae = _sd_vae(0.18215)
+    text_encoder = _clip(768, 12, 12, "quick_gelu", 768)
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
     tokenizer = (
         build_tiny_pipeline().tokenizer
     )  # token ids only; the tiny vocabulary is a subset of CLIP's size
-    return unet, vae, text_encoder, tokenizer, scheduler
+    return BaseModel("sd15", SD1, [tokenizer], [text_encoder], vae, unet, scheduler)
+
+
+def build_sdxl(seed: int = 0):
+    """The SDXL base architecture from configs (UNet 2.6 B parameters, CLIP ViT-L and OpenCLIP bigG), random weights."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    from sdlora.families import SDXL
+    from sdlora.models import BaseModel
+    from sdlora.tiny_model import build_tiny_pipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        layers_per_block=2,
+    )
+    vae = _sd_vae(0.13025)
+    text_encoder = _clip(768, 12, 12, "quick_gelu", 768)
+    text_encoder_2 = _clip(1280, 32, 20, "gelu", 1280, with_projection=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    tokenizer = build_tiny_pipeline().tokenizer
+    return BaseModel(
+        "sdxl", SDXL, [tokenizer, tokenizer], [text_encoder, text_encoder_2], vae, unet, scheduler
+    )
 
 
 def build_tiny():
     from diffusers import DDPMScheduler
 
+    from sdlora.families import SD1
+    from sdlora.models import BaseModel
     from sdlora.tiny_model import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
-    return (
-        pipe.unet,
-        pipe.vae,
-        pipe.text_encoder,
-        pipe.tokenizer,
-        DDPMScheduler.from_config(pipe.scheduler.config),
-    )
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return BaseModel("tiny", SD1, [pipe.tokenizer], [pipe.text_encoder], pipe.vae, pipe.unet, scheduler)
 
 
 def attention_processors(unet) -> set[str]:
     return {type(p).__name__ for p in unet.attn_processors.values()}
 
 
+def size_of(resolution) -> tuple[int, int]:
+    """(width, height) from 512 or "576x448"."""
+    if isinstance(resolution, str) and "x" in resolution:
+        w, h = resolution.split("x")
+        return int(w), int(h)
+    return int(resolution), int(resolution)
+
+
 def run_one(cfg: dict) -> dict:
     """Build the model, then time cfg['steps'] training steps after a warm-up step that counts FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdlora.cache import LatentCache, TextCache
+    from sdlora.buckets import Placement
+    from sdlora.cache import LatentCache, TensorStore, TextCache, encode_texts
     from sdlora.lora import add_lora, lora_parameters
-    from sdlora.models import BaseModel
     from sdlora.training import (
         Conditioning,
         allow_fast_fp32_math,
         diffusion_loss,
-        encode_prompts,
         make_optimizer,
         step_generator,
     )
@@ -123,19 +174,19 @@ def run_one(cfg: dict) -> dict:
     dtype = DTYPES[cfg["precision"]]
     torch.set_num_threads(os.cpu_count() or 1)
     if cfg["tf32"]:
-        allow_fast_fp32_math()  # the trainer's --allow_tf32
-    unet, vae, text_encoder, tokenizer, scheduler = build_sd15() if cfg["model"] == "sd15" else build_tiny()
-    for module in (unet, vae, text_encoder):
+        allow_fast_fp32_math(device)  # the trainer's --allow_tf32
+    base = {"sd15": build_sd15, "sdxl": build_sdxl, "tiny": build_tiny}[cfg["model"]]()
+    for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
         module.to(device, dtype)
     torch.manual_seed(0)
-    add_lora(unet, 4, 4)
-    for p in lora_parameters(unet):
+    add_lora(base.unet, 4, 4)
+    for p in lora_parameters(base.unet):
         p.data = p.data.float()
     if cfg["grad_ckpt"]:
-        unet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
     if cfg["channels_last"]:
-        unet.to(memory_format=torch.channels_last)
+        base.unet.to(memory_format=torch.channels_last)
     args = SimpleNamespace(
         learning_rate=1e-4,
         adam_beta1=0.9,
@@ -145,38 +196,46 @@ def run_one(cfg: dict) -> dict:
         use_8bit_adam=cfg["adam8bit"],
         noise_offset=0.0,
         snr_gamma=None,
-        cache_batch_size=8,
     )
-    optimizer = make_optimizer(lora_parameters(unet), args, device)
-    base = BaseModel("bench", tokenizer, text_encoder, vae, unet, scheduler)
-    b, r = cfg["batch"], cfg["resolution"]
-    pixels = torch.rand(b, 3, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    optimizer = make_optimizer([{"params": lora_parameters(base.unet)}], args, device)
+    b, (w, h) = cfg["batch"], size_of(cfg["resolution"])
+    # Each image as a 4:3 photo placed in its bucket (or cropped square): what SDXL's time ids are made of.
+    images = SimpleNamespace(placements=[Placement((4 * h // 3, h), (4 * h // 3, h), (w, h), (0, 0))] * b)
+    pixels = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
     captions = [f"a photo of a red circle number {i}" for i in range(b)]
-    batch = {"index": torch.arange(b), "flip": torch.zeros(b, dtype=torch.bool), "pixel_values": pixels}
+    batch = {
+        "index": torch.arange(b),
+        "flip": torch.zeros(b, dtype=torch.bool),
+        "crop": [(0, 0)] * b,
+        "caption": captions,
+        "pixel_values": pixels,
+    }
     latent_cache = text_cache = None
     t0 = time.perf_counter()
-    if cfg["path"] == "cached":
+    if cfg["path"] == "cached":  # what the trainer's caches hold, built the same way, in memory
         with torch.no_grad():
-            moments = vae.encode(pixels.to(device, dtype)).latent_dist.parameters.float().cpu()
-        latent_cache = LatentCache(moments[:, None], vae.config.scaling_factor)
-        text_cache = TextCache.build(
-            captions, lambda p: encode_prompts(tokenizer, text_encoder, p, device), args, None
-        )
+            moments = base.vae.encode(pixels.to(device, dtype)).latent_dist.parameters.float().cpu()
+        latents = TensorStore(b, ["moments"], None, True)
+        latents.fill(lambda idx: [{"moments": moments[i][None]} for i in idx], 0, 1, lambda: None)
+        latent_cache = LatentCache(latents, base.vae.config.scaling_factor, None)
+        texts = TensorStore(b, list(base.encode_prompts(captions[:1], device)), None, True)
+        texts.fill(lambda idx: encode_texts(base, [captions[i] for i in idx], device, 8), 0, 1, lambda: None)
+        text_cache = TextCache(texts, captions)
     cache_s = time.perf_counter() - t0
-    conditioning = Conditioning(base, captions, latent_cache, text_cache, device, dtype)
-    model = torch.compile(unet) if cfg["compile"] else unet
+    conditioning = Conditioning(base, images, latent_cache, text_cache, base.text_encoders, device, dtype)
+    model = torch.compile(base.unet) if cfg["compile"] else base.unet
     scaler = torch.amp.GradScaler("cuda") if cfg["precision"] == "fp16" else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step(i: int) -> None:
         gen = step_generator(0, i, 0, 0, device)
-        latents, text = conditioning.latents(batch, gen), conditioning.text(batch)
         with autocast:
-            loss = diffusion_loss(model, latents, text, scheduler, args, gen)
+            latents, inputs = conditioning.latents(batch, gen), conditioning.unet_inputs(batch)
+            loss = diffusion_loss(model, latents, inputs, base.noise_scheduler, args, gen, dtype)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(lora_parameters(unet), 1.0)
+        torch.nn.utils.clip_grad_norm_(lora_parameters(base.unet), 1.0)
         scaler.step(optimizer) if scaler else optimizer.step()
         if scaler:
             scaler.update()
@@ -211,7 +270,7 @@ def run_one(cfg: dict) -> dict:
         "cache_s": cache_s,
         "flops_per_step": counter.get_total_flops(),
         "peak_bytes": peak,
-        "attention": sorted(attention_processors(unet)),
+        "attention": sorted(attention_processors(base.unet)),
     }
 
 
@@ -258,6 +317,17 @@ def suite(name: str) -> list[dict]:
     ]
     if name == "tiny":
         return tiny
+    if name == "buckets":
+        # The original toolkit's photos are non-square (COCO, 640x480). The diffusers example's default:
+        # a 512 random square crop, VAE and text encoder every step. Ours: the 576x448 bucket, cached. And
+        # our square cached step at 512 (262,144 px; the bucket has 258,048) for the bucket's own cost.
+        return [
+            config("sd15", 512, "plain", steps=4, group="photos"),
+            config("sd15", "576x448", "cached", steps=4, group="photos"),
+            config("sd15", 512, "cached", steps=4, group="photos"),
+        ]
+    if name == "sdxl":  # SDXL on a CPU: 512 px (1024 takes minutes a step on 2 cores)
+        return [config("sdxl", 512, "plain", steps=2), config("sdxl", 512, "cached", steps=2)]
     if name == "cpu":
         rows = list(tiny)
         for res in (256, 512):
@@ -277,6 +347,22 @@ def suite(name: str) -> list[dict]:
         return rows
     if name == "gpu":
         rows = []
+        for precision in ("fp16", "bf16"):  # SDXL at 1024: the target is a batch-1 step in 12 GB
+            for batch in (1, 4):
+                for grad_ckpt in (False, True):
+                    rows.append(
+                        config(
+                            "sdxl",
+                            1024,
+                            "cached",
+                            batch,
+                            precision,
+                            steps=5,
+                            grad_ckpt=grad_ckpt,
+                            adam8bit=True,
+                        )
+                    )
+            rows.append(config("sdxl", 1024, "plain", 1, precision, steps=5))
         for precision in ("fp16", "bf16"):
             for batch in (1, 8):
                 rows += [
@@ -302,7 +388,10 @@ def label(cfg: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--suite", default="tiny", choices=["tiny", "cpu", "gpu"], help="which configurations to run"
+        "--suite",
+        default="tiny",
+        choices=["tiny", "cpu", "buckets", "sdxl", "gpu"],
+        help="which configurations to run",
     )
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one configuration as JSON
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -339,7 +428,7 @@ def main() -> None:
             continue
         r = json.loads(line[len("RESULT ") :])
         # Each row is compared with the plain path at equal precision settings, measured in this same run.
-        key = (cfg["model"], cfg["resolution"], cfg["batch"], cfg["precision"], cfg["tf32"])
+        key = (cfg["model"], cfg.get("group", cfg["resolution"]), cfg["batch"], cfg["precision"], cfg["tf32"])
         if cfg["path"] == "plain" and not any(
             cfg[k] for k in ("channels_last", "compile", "adam8bit", "grad_ckpt")
         ):

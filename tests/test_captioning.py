@@ -131,7 +131,7 @@ def test_unreadable_images_are_listed_and_skipped(repo, sample_data, captioners)
 
 
 @pytest.mark.slow
-def test_jsonl_output_reads_back_as_imagefolder_metadata(repo, sample_data, captioners, tmp_path):
+def test_jsonl_output_reads_back_as_imagefolder_metadata(repo, sample_data, captioners, tmp_path, tiny_model):
     images_dir = sample_data / "images"
     ok(
         run_script(
@@ -148,17 +148,18 @@ def test_jsonl_output_reads_back_as_imagefolder_metadata(repo, sample_data, capt
 
     captions = read_metadata_jsonl(images_dir / "metadata.jsonl")
     assert set(captions) == set(find_images(images_dir)) and all(captions.values())
-    if (repo / "create_dataset.py").is_file():  # written alongside; run it on our output once it exists
-        result = subprocess.run(
-            [sys.executable, "create_dataset.py", "--images_dir", str(images_dir), "--captions_file",
-             str(images_dir / "metadata.jsonl"), "--output_dir", str(tmp_path / "dataset")],
-            cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        ok(result)
-        from datasets import load_from_disk
+    # create_dataset.py reads it as captions (with the test's tiny model: nothing is built in the repository).
+    result = subprocess.run(
+        [sys.executable, "create_dataset.py", "--images_dir", str(images_dir), "--captions_file",
+         str(images_dir / "metadata.jsonl"), "--output_dir", str(tmp_path / "dataset"),
+         "--pretrained_model_name_or_path", str(tiny_model)],
+        cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ok(result)
+    from datasets import load_from_disk
 
-        dataset = load_from_disk(tmp_path / "dataset" / "Text2Image_example")
-        assert sorted(dataset["text"]) == sorted(captions.values())
+    dataset = load_from_disk(tmp_path / "dataset" / "Text2Image_example")
+    assert sorted(dataset["text"]) == sorted(captions.values())
 
 
 @pytest.mark.slow

@@ -1,50 +1,165 @@
-"""The README's commands are the ones that run: the main command end to end, and the test command in CI."""
+"""The README's commands are the ones that run: the install and test commands in CI, and every command of
+its code blocks, run as written on the tiny models (here and in test_readme_recipes.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
-import subprocess
-from pathlib import Path
+import sys
 
 import pytest
-from conftest import run_script
+from conftest import lora_header, run_script
 from PIL import Image
+from readme import REPO, marked_command, project_copy, readme_commands
 
-REPO = Path(__file__).resolve().parent.parent
+# Each README command, verbatim, and the test that runs it.
+RUN_BY = {
+    "pip install torch==2.13.0 -r requirements.txt": "test_ci_runs_the_readme_install_and_test_commands",
+    "HF_HUB_OFFLINE=1 python -m pytest": "test_ci_runs_the_readme_install_and_test_commands",
+    marked_command("main-command"): "test_the_tiny_workflow_and_the_commands_that_follow_it",
+    'python -m sdlora.generate --lora_path output/tiny-lora --prompts "a red circle" --height 48 --width 96 '
+    '--negative_prompt "blurry" --lora_scale 0.8': "test_the_tiny_workflow_and_the_commands_that_follow_it",
+    "python -m sdlora.lora_tools info output/tiny-lora/pytorch_lora_weights_kohya.safetensors": (
+        "test_the_tiny_workflow_and_the_commands_that_follow_it"
+    ),
+    "OUTPUT_DIR=output/rank16 bash train_text_to_image_lora.sh --rank 16 --snr_gamma 5": (
+        "test_the_tiny_workflow_and_the_commands_that_follow_it"
+    ),
+    "python train_text_to_image_lora.py --help": "test_every_script_answers_help",
+    "FAMILY=sdxl bash train_text_to_image_lora.sh": "test_the_sdxl_demo_and_the_tiny_model_builder",
+    "python -m sdlora.tiny_model --family sdxl --output_dir models/tiny-sdxl": (
+        "test_the_sdxl_demo_and_the_tiny_model_builder"
+    ),
+    "python create_dataset.py": "test_create_dataset_examples",
+    "python create_dataset.py --images_dir photos --captions_file photos/metadata.jsonl --dataset_name mine": (
+        "test_create_dataset_examples"
+    ),
+}
 
 
-def readme_command(marker: str) -> str:
-    """The shell command in the ```bash block right after <!-- marker --> in README.md."""
-    text = (REPO / "README.md").read_text()
-    match = re.search(rf"<!-- {marker} -->\s*```bash\n(.+?)\n```", text, re.S)
-    assert match, f"README.md has no {marker} block"
-    return match.group(1).strip()
+def test_every_readme_command_is_run_by_a_test():
+    from test_readme_recipes import RUN_BY as RECIPES
+
+    listed = {**RUN_BY, **RECIPES}
+    commands = readme_commands()
+    assert len(commands) == len(set(commands))
+    assert set(commands) == set(listed), (
+        f"README commands no test runs: {sorted(set(commands) - set(listed))}; "
+        f"listed but not in the README: {sorted(set(listed) - set(commands))}"
+    )
+    tests = {name for module in ("test_readme", "test_readme_recipes") for name in dir(sys.modules[module])}
+    assert set(listed.values()) <= tests
 
 
-def test_ci_runs_the_readme_test_command():
-    assert readme_command("test-command") in (REPO / ".ci" / "run").read_text()
+def test_the_checker_sees_commands_in_every_block_and_ignores_comments():
+    text = "x\n```bash\n# a comment\nfoo --a \\\n  --b\n\nbar\n```\ny `baz`\n```python\nqux\n```\n"
+    assert readme_commands(text) == ["foo --a --b", "bar"]
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert marked_command("install-command") in lines and marked_command("test-command") in lines
+    assert lines.index(marked_command("install-command")) < lines.index(marked_command("test-command"))
 
 
 @pytest.mark.slow
-def test_readme_main_command_runs_the_whole_workflow_offline(tmp_path):
-    # A copy of the project as a new user has it: tracked files only, no tiny model, dataset or outputs yet.
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    for name in files.stdout.splitlines():
-        if (REPO / name).is_file():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, tmp_path / name)
-    result = run_script(["bash", "-c", readme_command("main-command")], cwd=tmp_path, timeout=900)
+def test_the_tiny_workflow_and_the_commands_that_follow_it(tmp_path):
+    root = project_copy(tmp_path)
+    result = run_script(["bash", "-c", marked_command("main-command")], cwd=root, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "output" / "tiny-lora"
-    assert (tmp_path / "models" / "tiny-sd" / "model_index.json").is_file()
-    assert (tmp_path / "datasets" / "Text2Image_example" / "dataset_info.json").is_file()
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (
+        "Traceback" not in result.stderr and "warning" not in result.stderr.split("***** training")[0].lower()
+    )
+    out = root / "output" / "tiny-lora"
+    assert (root / "models" / "tiny-sd" / "model_index.json").is_file()
+    assert (root / "datasets" / "Text2Image_example" / "dataset_info.json").is_file()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-100", "checkpoint-200"]
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        assert lora_header(out, name)["ss_steps"] == "200"
+    assert json.loads((out / "args.json").read_text())["max_train_steps"] == 200
+    assert "load_lora_weights" in (out / "README.md").read_text()
     assert len(list((out / "validation" / "step-200").glob("*.png"))) == 4
-    images = sorted((tmp_path / "results").rglob("image_*.png"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    images = sorted((root / "results").rglob("image_*.png"))
     assert len(images) == 4 and all(Image.open(p).size == (64, 64) for p in images)
-    # The split that says where the time goes: training, not loading or validation, dominates.
-    assert re.search(r"time: total [\d.]+s; load", result.stderr)
+    assert re.search(r"time: total [\d.]+s; load", result.stderr)  # the split that says where the time goes
+
+    generate = run_script(["bash", "-c", _command("python -m sdlora.generate --lora_path")], cwd=root)
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    (png,) = (root / "results" / "a-red-circle").glob("image_0.png")
+    assert Image.open(png).size == (96, 48)
+    record = json.loads((root / "results" / "generations.jsonl").read_text().splitlines()[-1])
+    assert record["negative_prompt"] == "blurry" and record["lora_scale"] == 0.8
+
+    info = run_script(["bash", "-c", _command("python -m sdlora.lora_tools info")], cwd=root)
+    assert info.returncode == 0 and "kohya" in info.stdout and "SD 1.x" in info.stdout, (
+        info.stdout + info.stderr
+    )
+
+    rank16 = run_script(["bash", "-c", _command("OUTPUT_DIR=output/rank16")], cwd=root, timeout=900)
+    assert rank16.returncode == 0, rank16.stderr[-3000:]
+    meta = lora_header(root / "output" / "rank16")
+    assert meta["ss_network_dim"] == "16" and meta["ss_min_snr_gamma"] == "5.0"
+
+
+def _command(prefix: str) -> str:
+    (command,) = [c for c in RUN_BY if c.startswith(prefix)]
+    return command
+
+
+@pytest.mark.slow
+def test_every_script_answers_help():
+    for script in ("train_text_to_image_lora.py", "create_dataset.py", "generate_captions.py"):
+        result = run_script([sys.executable, script, "--help"])
+        assert result.returncode == 0 and "--" in result.stdout and "Traceback" not in result.stderr, script
+    for module in (
+        "sdlora.generate",
+        "sdlora.lora_tools",
+        "sdlora.tiny_model",
+        "sdlora.sample_data",
+        "sdlora.families",
+    ):
+        result = run_script([sys.executable, "-m", module, "--help"])
+        assert result.returncode == 0 and "usage" in result.stdout.lower(), module
+    assert (
+        "--validation_split" in run_script([sys.executable, "train_text_to_image_lora.py", "--help"]).stdout
+    )
+
+
+@pytest.mark.slow
+def test_the_sdxl_demo_and_the_tiny_model_builder(tmp_path):
+    root = project_copy(tmp_path)
+    build = run_script(["bash", "-c", _command("python -m sdlora.tiny_model")], cwd=root)
+    assert build.returncode == 0, build.stderr[-2000:]
+    index = json.loads((root / "models" / "tiny-sdxl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and "text_encoder_2" in index
+    demo = run_script(["bash", "-c", "FAMILY=sdxl bash train_text_to_image_lora.sh"], cwd=root, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    out = root / "output" / "tiny-sdxl-lora"
+    assert lora_header(out)["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert len(list((out / "validation" / "step-200").glob("*.png"))) == 4
+    assert all(Image.open(p).size == (128, 128) for p in (out / "validation" / "step-200").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_create_dataset_examples(tmp_path, tiny_model):
+    import datasets
+
+    from sdlora.captions import read_captions_json, write_metadata_jsonl
+
+    root = project_copy(tmp_path)
+    shutil.copytree(tiny_model, root / "models" / "tiny-sd")  # what the scripts build on first use
+    default = run_script(["bash", "-c", "python create_dataset.py"], cwd=root)
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert len(datasets.load_from_disk(str(root / "datasets" / "Text2Image_example"))) == 8
+    shutil.copytree(root / "images", root / "photos")
+    captions = read_captions_json(root / "image_captions.json")
+    write_metadata_jsonl(
+        root / "photos" / "metadata.jsonl", {root / "photos" / p.name: c for p, c in captions.items()}
+    )
+    mine = run_script(["bash", "-c", _command("python create_dataset.py --images_dir photos")], cwd=root)
+    assert mine.returncode == 0, mine.stderr[-2000:]
+    assert sorted(datasets.load_from_disk(str(root / "datasets" / "mine"))["text"]) == sorted(
+        captions.values()
+    )

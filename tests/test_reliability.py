@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -193,6 +194,9 @@ def test_nan_loss_stops_with_the_step_and_saves_nothing_corrupt(tmp_path, tiny_m
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     from safetensors.torch import load_file
 
+    bad = int(re.search(r"NaN or infinite at step (\d+)", result.stderr).group(1))
+    # A checkpoint for every step before the bad one (checkpointing every step), none from it on, all finite.
+    assert bad > 1 and [s for s, _ in checkpoints.list_checkpoints(out)] == list(range(1, bad))
     for _, path in checkpoints.list_checkpoints(out):
         weights = load_file(str(path / "pytorch_lora_weights.safetensors"))
         assert all(torch.isfinite(t).all() for t in weights.values()), path

@@ -3,6 +3,7 @@ paper's formula, fp32 noise under bf16 weights, v-prediction, and precision sett
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -120,3 +121,14 @@ def test_allow_tf32_keeps_the_precision_api_usable():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["medium", "bf16"]
+
+
+def test_the_first_signal_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
+    code = (
+        "import os, signal, time; from sdlora.training import StopRequest; s = StopRequest(); "
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5); print('asked', s.signal, flush=True); "
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(5); print('still running')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["asked", str(int(signal.SIGINT))]
+    assert result.returncode == -signal.SIGINT  # the default action: ended at once, no cleanup loop
