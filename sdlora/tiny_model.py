@@ -147,26 +147,8 @@ def build_tiny_pipeline(seed: int = 0, family: str = "sd1"):
 
 def _build_sd1(seed: int):
     """SD 1.x: one CLIP text encoder (quick_gelu), 1x1-conv transformer projections, epsilon, PNDM."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import PNDMScheduler
 
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = _tiny_vae(seed + 1, 0.18215)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
     # SD 1.x's default inference scheduler.
     scheduler = PNDMScheduler(
         **_sd_scheduler_kwargs(),
@@ -175,42 +157,14 @@ def _build_sd1(seed: int):
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _build_sd(seed, TINY_RESOLUTION, scheduler, "quick_gelu", attention_head_dim=8)
 
 
 def _build_sd2(seed: int):
     """SD 2.x-768: OpenCLIP-style text encoder (gelu), linear transformer projections, per-block head
     dims, v-prediction with DDIM, and a native size 1.5x SD 1.x's (96 px here, as 768 is to 512)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import DDIMScheduler
 
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_SD2_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(4, 8),
-        use_linear_projection=True,
-        norm_num_groups=32,
-    )
-    vae = _tiny_vae(seed + 1, 0.18215)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, hidden_act="gelu"))
     scheduler = DDIMScheduler(
         **_sd_scheduler_kwargs(),
         clip_sample=False,
@@ -218,6 +172,33 @@ def _build_sd2(seed: int):
         steps_offset=1,
         prediction_type="v_prediction",
     )
+    return _build_sd(
+        seed, TINY_SD2_RESOLUTION, scheduler, "gelu", attention_head_dim=(4, 8), use_linear_projection=True
+    )
+
+
+def _build_sd(seed: int, resolution: int, scheduler, hidden_act: str, **unet_config):
+    """A StableDiffusionPipeline of two UNet levels; what tells SD 1.x from 2.x comes as arguments."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        **unet_config,
+    )
+    vae = _tiny_vae(seed + 1, 0.18215)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, hidden_act=hidden_act))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

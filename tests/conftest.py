@@ -21,6 +21,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["ACCELERATE_USE_CPU"] = "true"
 
 REPO = Path(__file__).resolve().parent.parent
+LATEST = ("--resume_from_checkpoint", "latest")  # the resume the README recommends
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import lora_header, lora_weights, same_weights, train
+from conftest import LATEST, lora_header, lora_weights, same_weights, train
 from diffusers import StableDiffusionPipeline
 
 from sdlora.generation import load_pipeline
@@ -118,7 +118,7 @@ def test_every_combination_resumes_exactly(tmp_path, tiny_model, tiny_dataset):
     stopped = train(tiny_model, tiny_dataset, tmp_path / "b", *common, env={"SDLORA_STOP_AT": "step:4"})
     assert stopped.returncode == 2
     (tmp_path / "b" / "checkpoint-4").rename(tmp_path / "b" / "gone")  # resume from checkpoint-3
-    resumed = train(tiny_model, tiny_dataset, tmp_path / "b", *common, "--resume_from_checkpoint", "latest")
+    resumed = train(tiny_model, tiny_dataset, tmp_path / "b", *common, *LATEST)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(tmp_path / "a", tmp_path / "b")
     other = train(
@@ -126,8 +126,7 @@ def test_every_combination_resumes_exactly(tmp_path, tiny_model, tiny_dataset):
         tiny_dataset,
         tmp_path / "b",
         *common[:-6],
-        "--resume_from_checkpoint",
-        "latest",
+        *LATEST,
         "--max_train_steps",
         "8",
     )

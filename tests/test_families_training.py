@@ -9,7 +9,16 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import lora_header, lora_weights, run_script, same_weights, script_command, train, train_command
+from conftest import (
+    LATEST,
+    lora_header,
+    lora_weights,
+    run_script,
+    same_weights,
+    script_command,
+    train,
+    train_command,
+)
 from diffusers import DiffusionPipeline
 
 from sdlora.checkpoints import list_checkpoints
@@ -83,7 +92,7 @@ def test_sd2_trains_with_v_prediction_resumes_and_samples_as_v(tmp_path, tiny_sd
         script_command(tiny_sd2, tiny_dataset, tmp_path / "b", *SD2_RUN), env={"SDLORA_KILL_AT": "step:5"}
     )
     assert killed.returncode == -signal.SIGKILL and list_checkpoints(tmp_path / "b")[-1][0] == 3
-    b = train(tiny_sd2, tiny_dataset, tmp_path / "b", *SD2_RUN, "--resume_from_checkpoint", "latest")
+    b = train(tiny_sd2, tiny_dataset, tmp_path / "b", *SD2_RUN, *LATEST)
     assert b.returncode == 0 and same_weights(tmp_path / "a", tmp_path / "b")
     # Sampled with v-prediction, as trained: not the same image as the same LoRA sampled as epsilon.
     pipe, _ = load_pipeline(str(tiny_sd2), tmp_path / "a")
@@ -145,8 +154,7 @@ def test_sdxl_on_two_processes_with_8bit_adam_held_out_loss_kill_and_resume(
             tiny_dataset,
             tmp_path / "b",
             *SDXL_RUN,
-            "--resume_from_checkpoint",
-            "latest",
+            *LATEST,
             processes=2,
         )
     )

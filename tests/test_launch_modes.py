@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from conftest import read_trace, run_script, same_weights, script_command, train, train_command
+from conftest import LATEST, read_trace, run_script, same_weights, script_command, train, train_command
 from safetensors import safe_open
 
 from sdlora.checkpoints import OPTIMIZER_FILE, list_checkpoints
@@ -62,9 +62,7 @@ def test_two_processes_share_the_data_and_cache_and_resume_exactly(tmp_path, tin
     )
     assert killed.returncode != 0 and list_checkpoints(tmp_path / "b")[-1][0] == 4
     resumed = run_script(
-        train_command(
-            tiny_model, tiny_dataset, tmp_path / "b", *TWO, "--resume_from_checkpoint", "latest", processes=2
-        ),
+        train_command(tiny_model, tiny_dataset, tmp_path / "b", *TWO, *LATEST, processes=2),
         env=small_shards,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -74,8 +72,7 @@ def test_two_processes_share_the_data_and_cache_and_resume_exactly(tmp_path, tin
         tiny_dataset,
         tmp_path / "b",
         *TWO,
-        "--resume_from_checkpoint",
-        "latest",
+        *LATEST,
         "--max_train_steps",
         "8",
     )
@@ -99,7 +96,7 @@ def test_bf16_with_cached_latents_validation_and_resume(tmp_path, tiny_model, ti
     stopped = train(tiny_model, tiny_dataset, tmp_path / "b", *common, env={"SDLORA_STOP_AT": "step:5"})
     assert stopped.returncode == 2
     (tmp_path / "b" / "checkpoint-5").rename(tmp_path / "b" / "gone")  # resume from checkpoint-3
-    b = train(tiny_model, tiny_dataset, tmp_path / "b", *common, "--resume_from_checkpoint", "latest")
+    b = train(tiny_model, tiny_dataset, tmp_path / "b", *common, *LATEST)
     assert b.returncode == 0 and same_weights(tmp_path / "a", tmp_path / "b")
 
 
@@ -143,6 +140,6 @@ def test_the_original_recipe_with_8bit_adam_checkpoints_prunes_validates_and_res
     )
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for _, p in list_checkpoints(tmp_path / "b")] == ["checkpoint-8"]
-    b = train(tiny_model, tiny_dataset, tmp_path / "b", *RECIPE, "--resume_from_checkpoint", "latest")
+    b = train(tiny_model, tiny_dataset, tmp_path / "b", *RECIPE, *LATEST)
     assert b.returncode == 0, b.stderr[-3000:]
     assert same_weights(tmp_path / "a", tmp_path / "b")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, run_script, same_weights, script_command, train, train_command
+from conftest import LATEST, REPO, free_port, run_script, same_weights, script_command, train, train_command
 from image_corpus import invalid
 from PIL import Image
 
@@ -54,7 +54,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     found = checkpoints.list_checkpoints(out)
     assert (found[-1][1].name if found else None) == latest  # a half-written folder is never a checkpoint
-    resumed = train(tiny_model, tiny_dataset, out, *RUN, "--resume_from_checkpoint", "latest")
+    resumed = train(tiny_model, tiny_dataset, out, *RUN, *LATEST)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(out, uninterrupted)
     assert not list(out.glob(".checkpoint-*"))  # leftovers of the killed save are cleaned up
@@ -129,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
     assert process.returncode == 2 and "stopped by signal 15" in rest and "Traceback" not in rest
     ((step, _),) = checkpoints.list_checkpoints(tmp_path / "out")
     assert 0 < step < 150
-    resumed = train(tiny_model, tiny_dataset, tmp_path / "out", *common, "--resume_from_checkpoint", "latest")
+    resumed = train(tiny_model, tiny_dataset, tmp_path / "out", *common, *LATEST)
     assert resumed.returncode == 0 and f"starting at {step}" in resumed.stderr
     assert train(tiny_model, tiny_dataset, tmp_path / "straight", *common).returncode == 0
     assert same_weights(tmp_path / "out", tmp_path / "straight")

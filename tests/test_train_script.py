@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_header, lora_weights, same_weights, train
+from conftest import LATEST, lora_header, lora_weights, same_weights, train
 from diffusers import StableDiffusionPipeline
 
 from sdlora.checkpoints import list_checkpoints
@@ -187,26 +187,20 @@ def stopped_at(step: int) -> dict:
     return {"SDLORA_STOP_AT": f"step:{step}"}
 
 
+def run8(tiny_model, tiny_dataset, out, *extra, env=None):
+    """The RESUME run to 8 steps, as `straight` runs it, plus `extra`."""
+    return train(tiny_model, tiny_dataset, out, *RESUME, "--max_train_steps", "8", *extra, env=env)
+
+
 def test_resume_mid_epoch_with_buckets_matches_the_uninterrupted_run(
     tmp_path, tiny_model, tiny_dataset, straight
 ):
     out = tmp_path / "out"
-    stop = train(tiny_model, tiny_dataset, out, *RESUME, "--max_train_steps", "8", env=stopped_at(5))
+    stop = run8(tiny_model, tiny_dataset, out, env=stopped_at(5))
     assert stop.returncode == 2 and "resume with --resume_from_checkpoint latest" in stop.stderr
     assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-5"]
     shutil.rmtree(out / "checkpoint-5")  # as if killed after step 5: checkpoint-3 (mid-epoch) is the latest
-    resumed = ok(
-        train(
-            tiny_model,
-            tiny_dataset,
-            out,
-            *RESUME,
-            "--max_train_steps",
-            "8",
-            "--resume_from_checkpoint",
-            "latest",
-        )
-    )
+    resumed = ok(run8(tiny_model, tiny_dataset, out, *LATEST))
     assert "resumed from" in resumed.stderr and "starting at 3" in resumed.stderr
     assert same_weights(out, straight)
 
@@ -215,22 +209,8 @@ def test_resuming_from_a_ctrl_c_checkpoint_matches_the_uninterrupted_run(
     tmp_path, tiny_model, tiny_dataset, straight
 ):
     out = tmp_path / "out"
-    assert (
-        train(tiny_model, tiny_dataset, out, *RESUME, "--max_train_steps", "8", env=stopped_at(4)).returncode
-        == 2
-    )
-    resumed = ok(
-        train(
-            tiny_model,
-            tiny_dataset,
-            out,
-            *RESUME,
-            "--max_train_steps",
-            "8",
-            "--resume_from_checkpoint",
-            "latest",
-        )
-    )
+    assert run8(tiny_model, tiny_dataset, out, env=stopped_at(4)).returncode == 2
+    resumed = ok(run8(tiny_model, tiny_dataset, out, *LATEST))
     assert "starting at 4" in resumed.stderr and same_weights(out, straight)
 
 
@@ -238,42 +218,19 @@ def test_a_checkpoint_folder_path_resumes_and_a_wrong_path_is_refused(
     tmp_path, tiny_model, tiny_dataset, straight
 ):
     out = tmp_path / "out"
-    train(tiny_model, tiny_dataset, out, *RESUME, "--max_train_steps", "8", env=stopped_at(7))
-    resumed = ok(
-        train(
-            tiny_model,
-            tiny_dataset,
-            out,
-            *RESUME,
-            "--max_train_steps",
-            "8",
-            "--resume_from_checkpoint",
-            str(out / "checkpoint-6"),
-        )
-    )
+    run8(tiny_model, tiny_dataset, out, env=stopped_at(7))
+    resumed = ok(run8(tiny_model, tiny_dataset, out, "--resume_from_checkpoint", str(out / "checkpoint-6")))
     assert f"resumed from {out / 'checkpoint-6'}" in resumed.stderr and same_weights(out, straight)
-    refused(
-        train(tiny_model, tiny_dataset, out, *RESUME, "--resume_from_checkpoint", str(tmp_path / "nowhere")),
-        "not a complete checkpoint folder",
-    )
+    wrong = run8(tiny_model, tiny_dataset, out, "--resume_from_checkpoint", str(tmp_path / "nowhere"))
+    refused(wrong, "not a complete checkpoint folder")
 
 
 def test_raising_max_train_steps_and_resuming_extends_a_finished_run(tmp_path, tiny_model, tiny_dataset):
     common = ("--checkpointing_steps", "4", "--random_flip", "--lr_scheduler", "constant")
     ok(train(tiny_model, tiny_dataset, tmp_path / "a", *common, "--max_train_steps", "8"))
     ok(train(tiny_model, tiny_dataset, tmp_path / "b", *common, "--max_train_steps", "4"))
-    longer = ok(
-        train(
-            tiny_model,
-            tiny_dataset,
-            tmp_path / "b",
-            *common,
-            "--max_train_steps",
-            "8",
-            "--resume_from_checkpoint",
-            "latest",
-        )
-    )
+    extend = ("--max_train_steps", "8", *LATEST)
+    longer = ok(train(tiny_model, tiny_dataset, tmp_path / "b", *common, *extend))
     assert "starting at 4" in longer.stderr and same_weights(tmp_path / "a", tmp_path / "b")
 
 
@@ -336,8 +293,7 @@ def test_disk_cache_with_resume(tmp_path, tiny_model, tiny_dataset, straight):
             *cache,
             "--max_train_steps",
             "8",
-            "--resume_from_checkpoint",
-            "latest",
+            *LATEST,
         )
     )
     assert resumed.stderr.count("reusing the cache") == 2 and same_weights(out, straight)
@@ -628,17 +584,16 @@ def test_resume_with_other_settings_is_refused_naming_each(tmp_path, tiny_model,
             *base,
             "--max_train_steps",
             "4",
-            "--resume_from_checkpoint",
-            "latest",
+            *LATEST,
             *extra,
         )
         refused(result, words, "--force_resume")
     refused(
-        train(other_model, rich_dataset, out, *base, "--resume_from_checkpoint", "latest"),
+        train(other_model, rich_dataset, out, *base, *LATEST),
         "base_model: checkpoint",
     )
     refused(
-        train(tiny_model, tiny_dataset, out, *base, "--resume_from_checkpoint", "latest"),
+        train(tiny_model, tiny_dataset, out, *base, *LATEST),
         "dataset: checkpoint",
     )
     forced = ok(
@@ -648,8 +603,7 @@ def test_resume_with_other_settings_is_refused_naming_each(tmp_path, tiny_model,
             out,
             "--max_train_steps",
             "4",
-            "--resume_from_checkpoint",
-            "latest",
+            *LATEST,
             "--seed",
             "8",
             "--force_resume",
