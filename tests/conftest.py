@@ -42,6 +42,20 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    from sdlora.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("sd2") / "tiny-sd2", family="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from sdlora.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", family="sdxl")
+
+
 @pytest.fixture
 def sample_data(tmp_path) -> Path:
     """A fresh copy of the sample images, captions and prompts in a temporary folder."""
@@ -270,3 +284,18 @@ def kernel(tmp_path_factory) -> str:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JUPYTER_PATH", str(root))
         yield "sdlora-test"
+
+
+# The tests that take 30 s to 2 minutes (whole workflows run as the README shows them). They are collected
+# first so that they start first: pytest-xdist's worksteal then spreads the short ones around them, instead
+# of one worker finishing with a long test while the other sits idle (measured on 2 cores: the whole suite
+# 6 min 22 s in collection order, 5 min 34 s with these first).
+LONG_FIRST = (
+    "test_readme_recipes.py",
+    "test_readme.py::test_the",
+    "test_launch_modes.py::test_two_processes",
+)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONG_FIRST))

@@ -135,7 +135,9 @@ def test_every_combination_resumes_exactly(tmp_path, tiny_model, tiny_dataset):
 
 def test_explicit_target_modules_adapt_only_those_layers(tmp_path, tiny_model, tiny_dataset):
     out = tmp_path / "out"
-    result = train(tiny_model, tiny_dataset, out, "--max_train_steps", "1", "--lora_target_modules", "to_q", "to_v")
+    result = train(
+        tiny_model, tiny_dataset, out, "--max_train_steps", "1", "--lora_target_modules", "to_q", "to_v"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     layers = {k.split(".lora")[0].rsplit(".", 1)[1] for k in lora_weights(out)}
     assert layers == {"to_q", "to_v"}

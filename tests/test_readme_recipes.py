@@ -34,12 +34,12 @@ SDXL = (
 BLIP = 'python generate_captions.py --model_name_or_path Salesforce/blip-image-captioning-large --prefix "sks style,"'
 DDP = (
     "accelerate launch --multi_gpu --num_processes 2 train_text_to_image_lora.py --dataset_from_disk "
-    "--dataset_disk_path datasets/Text2Image_example --output_dir output/ddp"
+    "--dataset_disk_path datasets/Text2Image_example --max_train_steps 20 --output_dir output/ddp"
 )
 TWO_MACHINES = (
     "accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --num_processes 2 --main_process_ip "
     "127.0.0.1 --main_process_port 29500 train_text_to_image_lora.py --dataset_from_disk --dataset_disk_path "
-    "datasets/Text2Image_example --output_dir output/two-machines"
+    "datasets/Text2Image_example --max_train_steps 20 --output_dir output/two-machines"
 )
 
 RUN_BY = {

@@ -121,14 +121,14 @@ def test_ctrl_c_under_the_launcher_saves_a_checkpoint_without_a_traceback(tmp_pa
 def test_sigterm_saves_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
     tmp_path, tiny_model, tiny_dataset
 ):
-    common = ("--max_train_steps", "150", "--checkpointing_steps", "1000", "--center_crop", "--random_flip")
+    common = ("--max_train_steps", "80", "--checkpointing_steps", "1000", "--center_crop", "--random_flip")
     process = start(script_command(tiny_model, tiny_dataset, tmp_path / "out", *common))
     read_until(process, "step=")
     process.send_signal(signal.SIGTERM)
     rest = finish(process)
     assert process.returncode == 2 and "stopped by signal 15" in rest and "Traceback" not in rest
     ((step, _),) = checkpoints.list_checkpoints(tmp_path / "out")
-    assert 0 < step < 150
+    assert 0 < step < 80
     resumed = train(tiny_model, tiny_dataset, tmp_path / "out", *common, *LATEST)
     assert resumed.returncode == 0 and f"starting at {step}" in resumed.stderr
     assert train(tiny_model, tiny_dataset, tmp_path / "straight", *common).returncode == 0
