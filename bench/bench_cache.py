@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 SIZES = [(96, 64), (64, 96), (80, 80), (128, 96), (96, 128), (112, 64)]
 
 
