@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import UserError, run_cli
+from sdlora.faults import trace
 
 logger = logging.getLogger("train")
 
@@ -606,7 +607,6 @@ class Run:
 
 def train_step(args, accelerator, run: Run, step, batches) -> torch.Tensor:
     """One optimizer step over the step's micro-batches; returns the summed loss, still on the device."""
-    from sdlora.faults import trace
     from sdlora.training import diffusion_loss, step_generator, step_seed
 
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -840,17 +840,73 @@ def save_outputs(args, accelerator, run: Run, base, dataset_desc: str, prompts, 
         )
 
 
-def main(args: argparse.Namespace) -> None:
-    from sdlora.buckets import kohya_bucket_info
-    from sdlora.cache import build_caches, text_hash
-    from sdlora.checkpoints import compat_settings, earlier_run_checkpoints, resume
+def plan_batches(args, accelerator, images, train_indices: list[int]):
+    """The batch plan of the training images (their buckets) and this process's steps; resolves
+    --max_train_steps / --num_train_epochs (and --scale_lr)."""
     from sdlora.data import BatchPlan, resolve_schedule
-    from sdlora.faults import trace
+
+    buckets = [images.placements[i].bucket for i in train_indices]
+    plan = BatchPlan(
+        train_indices, buckets, args.train_batch_size, args.gradient_accumulation_steps, args.seed
+    )
+    resolve_schedule(args, plan, accelerator.num_processes)
+    return plan, plan.steps(accelerator.process_index, accelerator.num_processes, args.max_train_steps)
+
+
+def make_run(args, accelerator, base, dataset, images, caches, train_indices, probes, earlier, dtype) -> Run:
+    """Adapters, optimizer and schedule, conditioning and the LoRA writer, in a Run resumed from
+    --resume_from_checkpoint (with the held-out tracker as that checkpoint left it)."""
+    from sdlora.buckets import kohya_bucket_info
+    from sdlora.cache import text_hash
+    from sdlora.checkpoints import compat_settings, resume
     from sdlora.lora import add_adapters, lora_parameters
     from sdlora.metadata import RunInfo
+    from sdlora.training import Conditioning, make_optimization
+
+    models = add_adapters(base, args.adapter_spec, args.seed)
+    prepared, optimizer, lr_scheduler = make_optimization(args, accelerator, models)
+    encoders = [prepared.get(n, e) for n, e in zip(base.family.text_encoders, base.text_encoders)]
+    trained = [images.placements[i] for i in train_indices], [images.raw_captions[i] for i in train_indices]
+    run_info = RunInfo(
+        base.family,
+        len(train_indices),
+        kohya_bucket_info(trained[0]),
+        images.controls.tag_frequency(trained[1]),
+    )
+    captions = text_hash([str(c) for c in images.raw_captions])
+    run = Run(
+        prepared,
+        [p for m in models.values() for p in lora_parameters(m)],
+        optimizer,
+        lr_scheduler,
+        base.noise_scheduler,
+        Conditioning(base, images, *caches, encoders, accelerator.device, dtype),
+        lora_writer(args, base, models, run_info),
+        compat_settings(args, accelerator.num_processes, dataset._fingerprint, len(dataset), captions),
+        dtype,
+        earlier_checkpoints=earlier,
+    )
+    run.first_step, run.last_checkpoint, state = resume(
+        args, models, optimizer, lr_scheduler, accelerator.scaler, run.compat
+    )
+    run.probes, run.tracker = probes, start_tracker(args, accelerator, probes, state, run.first_step)
+    trace(
+        accelerator.process_index,
+        "setup",
+        frozen_dtype=str(base.unet.conv_in.weight.dtype),
+        gradient_checkpointing=base.unet.is_gradient_checkpointing,
+        lora_dtype=str(run.params[0].dtype),
+        optimizer=type(getattr(optimizer, "optimizer", optimizer)).__name__,
+    )
+    return run
+
+
+def main(args: argparse.Namespace) -> None:
+    from sdlora.cache import build_caches
+    from sdlora.checkpoints import earlier_run_checkpoints
     from sdlora.models import load_frozen_model
     from sdlora.timing import Stopwatch
-    from sdlora.training import Conditioning, make_accelerator, make_optimization
+    from sdlora.training import make_accelerator
     from sdlora.validation import make_validator, validation_prompts
 
     clock = Stopwatch()
@@ -859,76 +915,27 @@ def main(args: argparse.Namespace) -> None:
 
         args.hub_model_id = check_hub_ready(args.hub_model_id, args.hub_token, "model")
     accelerator, dtype = make_accelerator(args)
-    earlier = earlier_run_checkpoints(args)
+    earlier = earlier_run_checkpoints(args)  # refused before any work, unless resuming or overwriting
     prompts, negatives = validation_prompts(args)
     with clock.phase("load"):
         base = load_frozen_model(args, accelerator.device, dtype)
         dataset, images = load_data(args, base)
     with clock.phase("cache"):
-        latent_cache, text_cache = build_caches(args, base, images, dataset._fingerprint, accelerator, dtype)
-    images.load_pixels = latent_cache is None
-    train_indices, probes = setup_heldout(args, base, images, latent_cache, accelerator.device, dtype)
-    plan = BatchPlan(
-        train_indices,
-        [images.placements[i].bucket for i in train_indices],
-        args.train_batch_size,
-        args.gradient_accumulation_steps,
-        args.seed,
-    )
-    resolve_schedule(args, plan, accelerator.num_processes)
-    steps = plan.steps(accelerator.process_index, accelerator.num_processes, args.max_train_steps)
-    models = add_adapters(base, args.adapter_spec, args.seed)
-    prepared, optimizer, lr_scheduler = make_optimization(args, accelerator, models)
-    encoders = [prepared.get(n, e) for n, e in zip(base.family.text_encoders, base.text_encoders)]
-    run_info = RunInfo(
-        base.family,
-        len(plan.indices),
-        kohya_bucket_info([images.placements[i] for i in train_indices]),
-        images.controls.tag_frequency([images.raw_captions[i] for i in train_indices]),
-    )
-    run = Run(
-        prepared,
-        [p for m in models.values() for p in lora_parameters(m)],
-        optimizer,
-        lr_scheduler,
-        base.noise_scheduler,
-        Conditioning(base, images, latent_cache, text_cache, encoders, accelerator.device, dtype),
-        lora_writer(args, base, models, run_info),
-        compat_settings(
-            args,
-            accelerator.num_processes,
-            dataset._fingerprint,
-            len(dataset),
-            text_hash([str(c) for c in images.raw_captions]),
-        ),
-        dtype,
-        earlier_checkpoints=earlier,
-    )
-    run.first_step, run.last_checkpoint, state = resume(
-        args, models, optimizer, lr_scheduler, accelerator.scaler, run.compat
-    )
-    run.probes, run.tracker = probes, start_tracker(args, accelerator, probes, state, run.first_step)
+        caches = build_caches(args, base, images, dataset._fingerprint, accelerator, dtype)
+    images.load_pixels = caches[0] is None
+    train_indices, probes = setup_heldout(args, base, images, caches[0], accelerator.device, dtype)
+    plan, steps = plan_batches(args, accelerator, images, train_indices)
+    run = make_run(args, accelerator, base, dataset, images, caches, train_indices, probes, earlier, dtype)
     if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "text2image-lora",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-        )
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("text2image-lora", config=config)
     log_banner(args, accelerator, len(plan.indices), run.first_step)
-    trace(
-        accelerator.process_index,
-        "setup",
-        frozen_dtype=str(base.unet.conv_in.weight.dtype),
-        gradient_checkpointing=base.unet.is_gradient_checkpointing,
-        lora_dtype=str(run.params[0].dtype),
-        optimizer=type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
-    )
     validate = make_validator(args, accelerator, base, dtype, prompts, negatives)
     train(args, accelerator, run, base, steps, images, validate, clock)
     trace(accelerator.process_index, "final", checksum=sum(p.double().sum().item() for p in run.params))
     accelerator.wait_for_everyone()
-    save_outputs(
-        args, accelerator, run, base, f"{len(plan.indices)} image-caption pairs", prompts, negatives, clock
-    )
+    desc = f"{len(plan.indices)} image-caption pairs"
+    save_outputs(args, accelerator, run, base, desc, prompts, negatives, clock)
     accelerator.end_training()
     logger.info(clock.summary())
 

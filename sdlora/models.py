@@ -155,6 +155,9 @@ def load_frozen_model(args, device: torch.device, weight_dtype: torch.dtype) -> 
         base.vae.to(device, **cast)
     if args.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:  # (non-reentrant: the frozen embeddings' outputs need no grad)
+            for encoder in base.text_encoders:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.enable_xformers_memory_efficient_attention:
         base.unet.enable_xformers_memory_efficient_attention()
     if args.channels_last:

@@ -142,3 +142,15 @@ def test_explicit_target_modules_adapt_only_those_layers(tmp_path, tiny_model, t
     layers = {k.split(".lora")[0].rsplit(".", 1)[1] for k in lora_weights(out)}
     assert layers == {"to_q", "to_v"}
     assert json.loads(lora_header(out)["ss_network_args"])["target_modules"] == ["to_q", "to_v"]
+
+
+def test_gradient_checkpointing_with_the_text_encoder_trains_the_same_weights(
+    tmp_path, tiny_model, tiny_dataset
+):
+    common = ("--max_train_steps", "2", "--train_text_encoder", "--center_crop")
+    for name, extra in (("plain", ()), ("checkpointed", ("--gradient_checkpointing",))):
+        result = train(tiny_model, tiny_dataset, tmp_path / name, *common, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = lora_weights(tmp_path / "plain"), lora_weights(tmp_path / "checkpointed")
+    assert any(k.startswith("text_encoder.") for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
