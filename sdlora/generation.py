@@ -134,13 +134,9 @@ def inference_scheduler(model: str, prediction_type: str | None = None, revision
 
 def lora_prediction_type(path: Path) -> str | None:
     """The prediction type a LoRA was trained for, from its header (SAI model spec: "epsilon" or "v")."""
-    if path.suffix.lower() != ".safetensors":
-        return None
-    from safetensors import safe_open
+    from .lora_files import read_header
 
-    with safe_open(str(path), framework="pt") as f:
-        value = (f.metadata() or {}).get("modelspec.prediction_type")
-    return {"epsilon": "epsilon", "v": "v_prediction"}.get(value)
+    return {"epsilon": "epsilon", "v": "v_prediction"}.get(read_header(path).get("modelspec.prediction_type"))
 
 
 def load_pipeline(
