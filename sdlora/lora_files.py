@@ -28,13 +28,11 @@ from .checkpoints import list_checkpoints
 from .errors import UserError
 from .kohya import SgmLayout
 from .lora import LORA_WEIGHT_NAME
-from .lora_weights import LoraWeights, weights_from_file
+from .lora_weights import ADAPTER_METADATA_KEY, LoraWeights, weights_from_file
 
 OLD_LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"  # what the original toolkit wrote
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 ADAPTER_NAME = "lora"
-# diffusers' key for the adapter settings in a safetensors header (loaders.lora_base.LORA_ADAPTER_METADATA_KEY)
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _ATTN_PROCS_KEY = re.compile(r"\.processor\.|_lora\.(down|up)\.")
