@@ -118,18 +118,16 @@ def test_sdxl_time_ids_follow_each_images_size_bucket_crop_and_flip(tiny_sdxl):
     assert ids[1] == [180, 300, top, p.resized[0] - left - 160, 96, 160]
 
 
-def test_the_notebook_runs_headless_on_sdxl(tmp_path, tiny_sdxl, tiny_dataset, kernel):
+@pytest.mark.parametrize("family,size", [("sd2", 96), ("sdxl", 128)])
+def test_the_notebook_runs_headless_on_each_family(tmp_path, request, tiny_dataset, kernel, family, size):
     from PIL import Image
     from test_inference import displayed_images, run_notebook
 
-    assert (
-        train(
-            tiny_sdxl, tiny_dataset, tmp_path / "lora", "--max_train_steps", "2", "--learning_rate", "1e-2"
-        ).returncode
-        == 0
-    )
+    model = request.getfixturevalue(f"tiny_{family}")
+    lora = train(model, tiny_dataset, tmp_path / "lora", "--max_train_steps", "2", "--learning_rate", "1e-2")
+    assert lora.returncode == 0, lora.stderr[-3000:]
     params = {
-        "base_model": str(tiny_sdxl),
+        "base_model": str(model),
         "lora_path": str(tmp_path / "lora"),
         "prompts": ["a red circle"],
         "output_dir": str(tmp_path / "results"),
@@ -138,5 +136,5 @@ def test_the_notebook_runs_headless_on_sdxl(tmp_path, tiny_sdxl, tiny_dataset, k
     }
     nb = run_notebook(kernel, params)
     (png,) = (tmp_path / "results").rglob("image_0.png")
-    assert Image.open(png).size == (128, 128)  # SDXL's native size (1024 for the real one)
-    assert displayed_images(nb)  # the grids, the side-by-side and the scale sweep ran
+    assert Image.open(png).size == (size, size)  # the family's native size (768 / 1024 for the real ones)
+    assert len(displayed_images(nb)) == 3  # the grid, the side-by-side and the scale sweep
