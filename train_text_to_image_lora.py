@@ -21,6 +21,7 @@ import torch
 
 from sdlora.errors import UserError, run_cli
 from sdlora.faults import trace
+from sdlora.lora import LAYER_SETS
 
 logger = logging.getLogger("train")
 
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--lora_layers",
-        choices=["attn", "attn_ff", "all"],
+        choices=LAYER_SETS,
         default="attn",
         help="attn: the UNet's attention projections (the diffusers example's); attn_ff: every Linear and 1x1 "
         "conv of the transformer blocks (kohya's default); all: plus the ResNet and sampler convs (LoCon)",

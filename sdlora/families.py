@@ -26,7 +26,6 @@ class Family:
     pipeline_class_name: str
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline component names
     tokenizers: tuple[str, ...] = ("tokenizer",)
-    kohya_text_prefixes: tuple[str, ...] = ("lora_te",)  # kohya key prefix of each text encoder
 
     @property
     def pipeline_class(self):
@@ -79,7 +78,6 @@ class XLFamily(Family):
 
     text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     tokenizers: tuple[str, ...] = ("tokenizer", "tokenizer_2")
-    kohya_text_prefixes: tuple[str, ...] = ("lora_te1", "lora_te2")
 
     @property
     def pipeline_kwargs(self) -> dict:

@@ -28,7 +28,3 @@ def trace(rank: int, event: str, **data) -> None:
     if folder:
         with open(Path(folder) / f"rank-{rank}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": event, **data}) + "\n")
-
-
-def tracing() -> bool:
-    return bool(os.environ.get("SDLORA_TRACE_DIR"))

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-sd"
 
 
 def default_tiny_model_dir(family: str = "sd1") -> Path:

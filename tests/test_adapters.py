@@ -12,11 +12,11 @@ from conftest import LATEST, lora_header, lora_weights, same_weights, train
 from diffusers import StableDiffusionPipeline
 
 from sdlora.generation import load_pipeline
+from sdlora.lora import LAYER_SETS
 
 pytestmark = pytest.mark.slow
 
 VARIANTS = {"plain": (), "text_encoder": ("--train_text_encoder",), "dora": ("--use_dora",)}
-LAYER_SETS = ("attn", "attn_ff", "all")
 
 
 def pixels(pipe, **kwargs) -> np.ndarray:
