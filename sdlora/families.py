@@ -3,7 +3,8 @@
 The trainer, validation, inference and the LoRA writers ask the family for what differs: the pipeline
 class, the text encoders and how prompts become UNet conditioning, SDXL's size/crop conditioning, and
 the names other tools use for the base model (kohya's `ss_base_model_version`, the SAI model spec).
-Nothing outside this module branches on the family.
+The one other place that knows a family is sdlora/kohya.py, whose key names follow SDXL's SGM block
+layout (and te1/te2) for SDXL files.
 """
 
 from __future__ import annotations
