@@ -185,20 +185,21 @@ class LatentCache:
         the VAE path would."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        params = torch.stack(
-            [
-                self.store[i]["moments"][int(f) if self.store[i]["moments"].shape[0] == 2 else 0]
-                for i, f in zip(index.tolist(), flip.tolist())
-            ]
-        ).to(device, non_blocking=True)  # (B, 2C, h, w)
+        params = torch.stack([self._moments(i, f) for i, f in zip(index.tolist(), flip.tolist())]).to(
+            device, non_blocking=True
+        )  # (B, 2C, h, w)
         return scale_latents(
             DiagonalGaussianDistribution(params).sample(generator), self.scaling_factor, self.shift_factor
         )
 
+    def _moments(self, index: int, flip: bool) -> torch.Tensor:
+        """(2C, h, w) of one image and flip, read once (a disk store reads it from its shard)."""
+        moments = self.store[index]["moments"]  # (F, 2C, h, w)
+        return moments[int(flip) if moments.shape[0] == 2 else 0]
+
     def mean(self, index: int, flip: bool) -> torch.Tensor:
         """The scaled mean latent of one image: the deterministic latent held-out losses use."""
-        moments = self.store[index]["moments"]
-        mean = moments[int(flip) if moments.shape[0] == 2 else 0].chunk(2, dim=0)[0]  # (C, h, w)
+        mean = self._moments(index, flip).chunk(2, dim=0)[0]  # (C, h, w)
         return scale_latents(mean, self.scaling_factor, self.shift_factor)
 
 
@@ -242,9 +243,11 @@ def encode_latents(
             for s in range(0, len(members), batch_size):
                 chunk = members[s : s + batch_size]
                 per_flip = []
+                # Each image decoded once; its flipped picture is the same tensor mirrored (data.to_tensor).
+                pixels = torch.stack([images.pixels(i, False, images.placements[i].crop) for i in chunk])
                 for flip in flips:
-                    pixels = torch.stack([images.pixels(i, flip, images.placements[i].crop) for i in chunk])
-                    moments = vae.encode(pixels.to(device, dtype)).latent_dist.parameters  # (B, 2C, h, w)
+                    flipped = pixels.flip(-1) if flip else pixels  # (B, 3, H, W)
+                    moments = vae.encode(flipped.to(device, dtype)).latent_dist.parameters  # (B, 2C, h, w)
                     per_flip.append(moments.float().cpu())
                 for j, i in enumerate(chunk):
                     p = images.placements[i]

@@ -236,7 +236,7 @@ def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLor
     from .families import family_of_unet_config
 
     lora = lora or read_lora_file(find_lora_file(path))
-    weights = read_lora(lora.path)
+    weights = weights_of(lora)
     check_family(weights, family_of_unet_config(pipe.unet.config).name, str(lora.path), pipe.name_or_path)
     layers = check_fits(weights, pipe, str(lora.path))
     with tempfile.TemporaryDirectory(prefix="sdlora-") as tmp:
@@ -275,6 +275,11 @@ def read_lora(path: str | Path, sgm_layout: SgmLayout | None = None) -> LoraWeig
 
     kohya's SDXL block numbers are read with `sgm_layout` (kohya.SgmLayout; SDXL's own when None).
     """
-    lora = read_lora_file(find_lora_file(path))
-    header = read_header(lora.path)
-    return weights_from_file(lora.path, lora.state_dict, header, lora.format == "kohya", sgm_layout)
+    return weights_of(read_lora_file(find_lora_file(path)), sgm_layout)
+
+
+def weights_of(lora: LoraFile, sgm_layout: SgmLayout | None = None) -> LoraWeights:
+    """A LoRA file already read (read_lora_file) as LoraWeights, without reading its tensors again."""
+    return weights_from_file(
+        lora.path, lora.state_dict, read_header(lora.path), lora.format == "kohya", sgm_layout
+    )

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import scale_latents
 from .errors import UserError
 from .families import time_ids
 
@@ -160,8 +161,9 @@ class Conditioning:
         pixels = batch["pixel_values"].to(self.device, self.base.vae_dtype or self.dtype, non_blocking=True)
         with torch.no_grad():
             sample = vae.encode(pixels).latent_dist.sample(generator)  # (B, 4, H/8, W/8)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((sample - shift) * vae.config.scaling_factor).float()
+        return scale_latents(
+            sample, vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
+        ).float()
 
     def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
