@@ -1,4 +1,6 @@
-"""Captioning: the library on tiny BLIP-2, BLIP and ViT-GPT2 models, and generate_captions.py end to end."""
+"""Captioning: the library on tiny BLIP-2, BLIP and ViT-GPT2 models, and generate_captions.py end to end.
+(Florence-2 and VLMs: test_florence_and_vlms.py; taggers: test_taggers.py; tags with a sentence:
+test_caption_combining.py.)"""
 
 from __future__ import annotations
 
@@ -6,24 +8,22 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from sdlora.captioning import (
-    CaptionOutput,
-    add_trigger_words,
-    caption_images,
-    load_captioner,
-    open_caption_output,
-)
+from sdlora.caption_output import CaptionOutput, open_caption_output
+from sdlora.captioner_families import GenerationSettings
+from sdlora.captioning import add_trigger_words, caption_images, load_captioner
 from sdlora.captions import read_captions_json, read_metadata_jsonl, read_txt_captions
 from sdlora.errors import UserError
 from sdlora.images import find_images, load_image
 
 KINDS = ("blip2", "blip", "vit-gpt2")
 FAST = ["--num_beams", "2", "--max_new_tokens", "5"]  # short captions: a script run is then mostly imports
+GREEDY = GenerationSettings(num_beams=1, max_new_tokens=5)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,13 @@ def captioners(tmp_path_factory) -> dict[str, Path]:
     """The three tiny captioning models, built once for this file."""
     from sdlora.tiny_captioners import save_tiny_captioners
 
-    return save_tiny_captioners(tmp_path_factory.mktemp("captioners"))
+    return save_tiny_captioners(tmp_path_factory.mktemp("captioners"), kinds=KINDS)
 
 
 @pytest.fixture(scope="module")
 def loaded(captioners) -> dict:
-    return {kind: load_captioner(str(path)) for kind, path in captioners.items()}
+    """The tiny models loaded for greedy decoding of 5 tokens."""
+    return {kind: load_captioner(str(path), generation=GREEDY) for kind, path in captioners.items()}
 
 
 def run_script(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -104,7 +105,7 @@ def test_batch_size_does_not_change_greedy_captions(sample_data, loaded, tmp_pat
     results = []
     for batch_size in (1, 4):
         output = open_caption_output("json", sample_data / "images", tmp_path / f"b{batch_size}.json")
-        caption_images(loaded[kind], images, output, batch_size=batch_size, num_beams=1, max_new_tokens=5)
+        caption_images(loaded[kind], images, output, batch_size=batch_size)
         results.append(read_captions_json(output.path))
     assert results[0] == results[1]
     assert len(results[0]) == len(images) and all(results[0].values())
@@ -213,7 +214,7 @@ def test_offline_hub_id_is_one_line_error(repo, sample_data):
 
 
 def test_folder_that_is_not_a_captioning_model_is_refused(tiny_model, tmp_path):
-    with pytest.raises(UserError, match="not a captioning model \\(no config.json\\)"):
+    with pytest.raises(UserError, match="not a captioning model \\(no config.json, no model.onnx"):
         load_captioner(str(tiny_model))  # a Stable Diffusion folder: model_index.json, no config.json
     with pytest.raises(UserError, match="a config.json without model_type is not a captioning model"):
         load_captioner(str(tiny_model / "unet"))
@@ -227,7 +228,9 @@ def test_prompt_is_not_left_in_the_caption(sample_data, loaded, kind):
     captioner = loaded[kind]
     images = [load_image(p).image for p in find_images(sample_data / "images")[:2]]
     prompt = "a photo of"
-    captions = captioner.caption(images, prompt=prompt, num_beams=1, max_new_tokens=6)
+    captions = replace(
+        captioner, settings=GenerationSettings(prompt=prompt, num_beams=1, max_new_tokens=6)
+    ).caption(images)
 
     # What the model generated in full, prompt included: the caption must be exactly the rest.
     inputs = captioner.processor(images=images, text=[prompt] * 2, return_tensors="pt")
@@ -256,8 +259,9 @@ def test_captions_are_saved_every_save_every_batches(sample_data, loaded, tmp_pa
         def count_saved(_n, path=output.path, on_disk=on_disk):
             on_disk.append(len(read_captions_json(path)) if path.exists() else 0)
 
-        caption_images(loaded["blip"], images, output, batch_size=2, save_every=save_every, progress=count_saved,
-                       num_beams=1, max_new_tokens=4)  # fmt: skip
+        caption_images(
+            loaded["blip"], images, output, batch_size=2, save_every=save_every, progress=count_saved
+        )
         assert on_disk == expected
         assert len(read_captions_json(output.path)) == 5
 
@@ -271,16 +275,15 @@ def test_interrupt_keeps_the_captions_of_finished_batches(sample_data, loaded, t
         def __init__(self, captioner):
             self.captioner, self.calls = captioner, 0
 
-        def caption(self, batch, **kwargs):
+        def caption(self, batch):
             self.calls += 1
             if self.calls == 3:
                 raise KeyboardInterrupt
-            return self.captioner.caption(batch, **kwargs)
+            return self.captioner.caption(batch)
 
     output = open_caption_output("json", sample_data / "images", tmp_path / "out" / "captions.json")
     with pytest.raises(KeyboardInterrupt):
-        caption_images(InterruptedOnThirdBatch(loaded["blip"]), images, output, batch_size=2, save_every=10,
-                       num_beams=1, max_new_tokens=4)  # fmt: skip
+        caption_images(InterruptedOnThirdBatch(loaded["blip"]), images, output, batch_size=2, save_every=10)
     assert {p.resolve() for p in read_captions_json(output.path)} == {p.resolve() for p in images[:4]}
     assert [p.name for p in output.path.parent.iterdir()] == [
         "captions.json"
@@ -293,11 +296,11 @@ def test_an_empty_caption_is_reported_and_not_written(sample_data, loaded, tmp_p
     class SilentOnFirstImage:
         """The real tiny captioner, except that it finds no words for the first image."""
 
-        def caption(self, batch, **kwargs):
-            return [""] + loaded["blip"].caption(batch, **kwargs)[1:]
+        def caption(self, batch):
+            return [""] + loaded["blip"].caption(batch)[1:]
 
     output = open_caption_output("json", sample_data / "images", tmp_path / "out.json")
-    run = caption_images(SilentOnFirstImage(), images, output, batch_size=4, num_beams=1, max_new_tokens=4)
+    run = caption_images(SilentOnFirstImage(), images, output, batch_size=4)
     assert run.empty == [images[0]] and (run.generated, run.written) == (3, 2)
     assert set(read_captions_json(output.path)) == set(images[1:])
 
