@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdlora.errors import UserError, run_cli
+from sdlora.fileio import check_writable
 from sdlora.images import parse_color
 
 if TYPE_CHECKING:
@@ -117,6 +118,9 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(
             f"{output}: already exists; pass --overwrite to replace it or choose another --dataset_name"
         )
+    # Before anything is read or asked of the Hub: a read-only or full disk costs one line, not a wait.
+    # (Also without --save_to_disk: the dataset to push is staged beside where it would be saved.)
+    check_writable(output.parent, "--output_dir")
     background = parse_color(args.background)
     repo_id = None
     if args.push_to_hub:  # before any image is read: offline, logged out or a bad id costs one line

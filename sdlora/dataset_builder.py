@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -27,6 +28,8 @@ WHITE = (255, 255, 255)
 SHARD_BYTES = 500 * 2**20
 # Rows held in memory before they are written: a few dozen photos, whatever the dataset's size.
 BATCH_BYTES = 16 * 2**20
+# What a full or read-only disk raises while the dataset is written.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass
@@ -268,29 +271,43 @@ def write_dataset(
     through a memory map whose pages count as the process's own (+450 MB from 1,000 to 4,000 photos). The files are those `save_to_disk`
     writes: Arrow shards, `state.json` and `dataset_info.json`.
     """
+    try:
+        with atomic_directory(output, overwrite=overwrite) as tmp:
+            _write_files(checked, tmp, background)
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:  # (an image that could not be read is not the output's fault)
+            raise
+        # atomic_directory has removed the half-written folder; a dataset already there was not touched.
+        hint = "free some space or " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise UserError(
+            f"{output}: could not be written ({e.strerror}); {hint}pass another --output_dir. Nothing was changed."
+        ) from None
+
+
+def _write_files(checked: list[CheckedExample], folder: Path, background: tuple[int, int, int]) -> None:
+    """The dataset's files in folder (Arrow shards, state.json, dataset_info.json), then read back."""
     import datasets
 
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        shards = _ShardWriter(tmp)
-        for example in checked:
-            shards.add(_image_bytes(example, background), example.image_path.name, example.caption)
-        names, fingerprint = shards.close()
-        state = {
-            "_data_files": [{"filename": name} for name in names],
-            "_fingerprint": fingerprint,
-            "_format_columns": None,
-            "_format_kwargs": {},
-            "_format_type": None,
-            "_output_all_columns": False,
-            "_split": None,
-        }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        datasets.DatasetInfo(features=dataset_features()).write_to_directory(str(tmp))
-        # Read back (memory-mapped: cheap), so a change of format in `datasets` fails here, not in training.
-        written = datasets.load_from_disk(str(tmp))
-        if len(written) != len(checked) or written.features != dataset_features():
-            raise RuntimeError(f"{tmp}: the dataset read back does not match what was written")
-        del written  # close its memory maps before the folder is renamed
+    shards = _ShardWriter(folder)
+    for example in checked:
+        shards.add(_image_bytes(example, background), example.image_path.name, example.caption)
+    names, fingerprint = shards.close()
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    datasets.DatasetInfo(features=dataset_features()).write_to_directory(str(folder))
+    # Read back (memory-mapped: cheap), so a change of format in `datasets` fails here, not in training.
+    written = datasets.load_from_disk(str(folder))
+    if len(written) != len(checked) or written.features != dataset_features():
+        raise RuntimeError(f"{folder}: the dataset read back does not match what was written")
+    del written  # close its memory maps before the folder is renamed
 
 
 def build_dataset(

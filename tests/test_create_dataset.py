@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from test_fileio import run_on_small_disk
 
 from sdlora.captions import write_metadata_jsonl
 
@@ -363,3 +364,80 @@ def test_image_corpus_through_the_builder(tmp_path, tiny_model):
     for name in bad:
         assert name in result.stderr
     assert not (tmp_path / "datasets" / "with_bad").exists()
+
+
+# create_dataset.py's main, run in the small disk's process: each run's exit status and its stderr and
+# stdout, one JSON line per run.
+CREATE = """
+import contextlib, io, json
+import create_dataset
+from sdlora.errors import run_cli
+
+def create(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(create_dataset.main, create_dataset.parse_args(list(argv)))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    print(json.dumps({"code": code, "stderr": err.getvalue(), "stdout": out.getvalue()}), flush=True)
+
+def folder_digest(folder):
+    import hashlib
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode() + (p.read_bytes() if p.is_file() else b"/"))
+    return h.hexdigest()
+
+model = ["--pretrained_model_name_or_path", sys.argv[2]]
+"""
+
+FULL_OUTPUT = """
+small = ["--images_dir", sys.argv[3] + "/images", "--captions_file", sys.argv[3] + "/image_captions.json"]
+big = ["--images_dir", sys.argv[4] + "/images", "--captions_file", sys.argv[4] + "/image_captions.json"]
+create(*model, *small, "--output_dir", str(root / "datasets"))
+before = folder_digest(root / "datasets" / "Text2Image_example")
+create(*model, *big, "--output_dir", str(root / "datasets"), "--overwrite")  # 3 MB on a 2 MB disk
+print(json.dumps({
+    "unchanged": folder_digest(root / "datasets" / "Text2Image_example") == before,
+    "left": sorted(p.name for p in (root / "datasets").iterdir()),
+}))
+"""
+
+
+def test_a_disk_that_fills_during_the_build_ends_in_one_error_line_and_keeps_the_old_dataset(
+    tmp_path, sample_data, tiny_model
+):
+    big = tmp_path / "big"
+    (big / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):  # noise does not compress: 1.5 MB of PNG each
+        Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(big / "images" / f"{i}.png")
+    (big / "image_captions.json").write_text(json.dumps({f"images/{i}.png": f"noise {i}" for i in range(2)}))
+    code = CREATE + FULL_OUTPUT
+    result = run_on_small_disk(tmp_path, code, extra=[str(tiny_model), str(sample_data), str(big)])
+    runs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(runs) == 3, result.stdout + result.stderr
+    assert runs[0]["code"] == 0, runs[0]["stderr"]
+    dataset = tmp_path / "disk" / "datasets" / "Text2Image_example"
+    err = runs[1]["stderr"]
+    assert runs[1]["code"] == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"error: {dataset}: could not be written (No space left on device); free some space"
+    )
+    assert runs[2] == {"unchanged": True, "left": ["Text2Image_example"]}  # no half-written folder beside it
+
+
+def test_a_read_only_output_dir_is_one_error_line_before_any_image_is_read(tmp_path, sample_data, tiny_model):
+    code = CREATE + 'create(*model, "--images_dir", sys.argv[3] + "/images", "--captions_file", '
+    code += 'sys.argv[3] + "/image_captions.json", "--output_dir", str(root / "datasets"))'
+    result = run_on_small_disk(tmp_path, code, "ro,size=2m", extra=[str(tiny_model), str(sample_data)])
+    runs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(runs) == 1, result.stdout + result.stderr
+    folder = tmp_path / "disk" / "datasets"
+    assert runs[0]["code"] == 2
+    assert runs[0]["stderr"] == (
+        f"error: {folder}: cannot write there (Read-only file system); pass another --output_dir\n"
+    )
+    assert runs[0]["stdout"] == ""  # no image checked, no caption counted
