@@ -5,6 +5,7 @@
 #   FAMILY=sdxl bash train_text_to_image_lora.sh     # the same demo on the tiny SDXL (FAMILY=sd2: the tiny SD 2.x)
 #   MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 bash train_text_to_image_lora.sh   # the original recipe on a GPU
 #   MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 VAE_NAME=madebyollin/sdxl-vae-fp16-fix bash train_text_to_image_lora.sh
+#   RECIPE=my-recipe.toml bash train_text_to_image_lora.sh   # any recipe file (recipes/ holds the four above)
 set -eu
 
 MODEL_NAME="${MODEL_NAME:-}"
@@ -30,28 +31,24 @@ if [ -z "$MODEL_NAME" ]; then
     sd2|sdxl) MODEL="tiny-$FAMILY"; OUTPUT_DIR="${OUTPUT_DIR:-output/tiny-$FAMILY-lora}" ;;
     *) echo "error: FAMILY=$FAMILY: use sd1, sd2 or sdxl" >&2; exit 2 ;;
   esac
-  # Every core, unless OMP_NUM_THREADS says otherwise (more threads than free cores makes a step many times slower).
-  THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN)}"
+  RECIPE="${RECIPE:-recipes/tiny.toml}"
+  # The cores not busy with other work (sdlora/cpu.py), and OpenMP threads that sleep instead of spinning
+  # while they wait: more threads than free cores made a step 25x slower on a busy machine
+  # (bench/bench_threads.py, docs/benchmarks.md).
+  THREADS="${OMP_NUM_THREADS:-$("$PYTHON" -m sdlora.cpu)}"
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
   LAUNCH="${LAUNCH:---cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $THREADS}"
-  RECIPE="--pretrained_model_name_or_path $MODEL --train_batch_size 4 --max_train_steps 200 --learning_rate 1e-3
-    --lr_scheduler constant --checkpointing_steps 100 --validation_epochs 50 --num_validation_images 2
-    --validation_num_inference_steps 20"
+  MODEL_FLAGS="--pretrained_model_name_or_path $MODEL"
 else
   FAMILY="${FAMILY:-$("$PYTHON" -m sdlora.families "$MODEL_NAME")}"
   OUTPUT_DIR="${OUTPUT_DIR:-output/$(basename "$MODEL_NAME")-lora}"
   LAUNCH="${LAUNCH:---mixed_precision fp16 --num_processes 1 --num_machines 1 --dynamo_backend no}"
-  if [ "$FAMILY" = sdxl ]; then
-    # SDXL at 1024: 8-bit Adam, gradient checkpointing and cached text encoders fit a step in 12 GB.
-    RECIPE="--pretrained_model_name_or_path $MODEL_NAME ${VAE_NAME:+--pretrained_vae_model_name_or_path $VAE_NAME}
-      --train_batch_size 1 --gradient_accumulation_steps 4 --max_train_steps 500 --learning_rate 1e-4
-      --lr_scheduler constant --lr_warmup_steps 0 --use_8bit_adam --gradient_checkpointing
-      --checkpointing_steps 250 --validation_epochs 50 --num_validation_images 2"
-  else
-    # The original toolkit's recipe: fp16, 8-bit Adam, batch 1 x accumulation 8, 500 steps at 1e-4.
-    RECIPE="--pretrained_model_name_or_path $MODEL_NAME --train_batch_size 1 --gradient_accumulation_steps 8
-      --max_train_steps 500 --learning_rate 1e-4 --lr_scheduler constant --lr_warmup_steps 0 --use_8bit_adam
-      --checkpointing_steps 500 --validation_epochs 50 --num_validation_images 4"
-  fi
+  case "$FAMILY" in
+    sdxl) RECIPE="${RECIPE:-recipes/sdxl.toml}" ;;
+    sd2) RECIPE="${RECIPE:-recipes/sd21.toml}" ;;
+    *) RECIPE="${RECIPE:-recipes/sd15.toml}" ;;
+  esac
+  MODEL_FLAGS="--pretrained_model_name_or_path $MODEL_NAME ${VAE_NAME:+--pretrained_vae_model_name_or_path $VAE_NAME}"
 fi
 
 # --quiet: on a failed run accelerate exits 1 after our one-line error, without a traceback of its own.
@@ -59,8 +56,7 @@ fi
 # waits while the training process saves a checkpoint instead of exiting first with a traceback. Several
 # processes: the launcher must see Ctrl-C, as it passes it on to the workers (each in its own session).
 case " $LAUNCH " in *" --num_processes 1 "*) trap '' INT ;; esac
-# shellcheck disable=SC2086  # LAUNCH and RECIPE are word lists on purpose
-"$PYTHON" -m accelerate.commands.launch --quiet $LAUNCH train_text_to_image_lora.py \
-  --dataset_from_disk --dataset_disk_path "$DATASET_DIR" --random_flip \
-  --validation_prompts_dir "$VALIDATION_PROMPTS" --report_to tensorboard --seed 42 \
-  $RECIPE --output_dir "$OUTPUT_DIR" "$@"
+# shellcheck disable=SC2086  # LAUNCH and MODEL_FLAGS are word lists on purpose
+"$PYTHON" -m accelerate.commands.launch --quiet $LAUNCH train_text_to_image_lora.py --config "$RECIPE" \
+  $MODEL_FLAGS --dataset_from_disk --dataset_disk_path "$DATASET_DIR" \
+  --validation_prompts_dir "$VALIDATION_PROMPTS" --output_dir "$OUTPUT_DIR" "$@"

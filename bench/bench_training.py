@@ -13,7 +13,7 @@ Random weights train at the same speed as real ones.
 "plain" is what the diffusers example does on every step: VAE-encode the pixels and run the text
 encoder, then the UNet forward and backward and the optimizer step. "cached" is the trainer's default:
 latents and text embeddings come from the caches (sdlora.cache), so a step is the UNet and the
-optimizer only. Both go through the trainer's own code (sdlora.training.Conditioning, diffusion_loss,
+optimizer only. Both go through the trainer's own code (sdlora.training's Conditioning, the objective,
 make_optimizer, sdlora.lora.add_lora). Each configuration runs in its own process, so its peak memory
 (RSS on CPU, torch.cuda.max_memory_allocated on GPU) is its own.
 """
@@ -161,14 +161,13 @@ def run_one(cfg: dict) -> dict:
 
     from sdlora.buckets import Placement
     from sdlora.cache import LatentCache, TensorStore, TextCache, encode_texts
+    from sdlora.config.train import OptimizationConfig
     from sdlora.lora import add_lora, lora_parameters
-    from sdlora.training import (
-        Conditioning,
-        allow_fast_fp32_math,
-        diffusion_loss,
-        make_optimizer,
-        step_generator,
-    )
+    from sdlora.objectives import make_objective
+    from sdlora.training.accelerator import allow_fast_fp32_math
+    from sdlora.training.conditioning import Conditioning
+    from sdlora.training.optimization import make_optimizer
+    from sdlora.training.step import step_generator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[cfg["precision"]]
@@ -187,17 +186,9 @@ def run_one(cfg: dict) -> dict:
         base.unet.enable_gradient_checkpointing()
     if cfg["channels_last"]:
         base.unet.to(memory_format=torch.channels_last)
-    args = SimpleNamespace(
-        learning_rate=1e-4,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_weight_decay=1e-2,
-        adam_epsilon=1e-8,
-        use_8bit_adam=cfg["adam8bit"],
-        noise_offset=0.0,
-        snr_gamma=None,
-    )
-    optimizer = make_optimizer([{"params": lora_parameters(base.unet)}], args, device)
+    opt = OptimizationConfig(learning_rate=1e-4, use_8bit_adam=cfg["adam8bit"])
+    optimizer = make_optimizer([{"params": lora_parameters(base.unet), "lr": 1e-4}], opt, device)
+    objective = make_objective(base.noise_scheduler, None, None, 0.0)
     b, (w, h) = cfg["batch"], size_of(cfg["resolution"])
     # Each image as a 4:3 photo placed in its bucket (or cropped square): what SDXL's time ids are made of.
     images = SimpleNamespace(placements=[Placement((4 * h // 3, h), (4 * h // 3, h), (w, h), (0, 0))] * b)
@@ -230,8 +221,9 @@ def run_one(cfg: dict) -> dict:
     def step(i: int) -> None:
         gen = step_generator(0, i, 0, 0, device)
         with autocast:
-            latents, inputs = conditioning.latents(batch, gen), conditioning.unet_inputs(batch)
-            loss = diffusion_loss(model, latents, inputs, base.noise_scheduler, args, gen, dtype)
+            latents, inputs = conditioning.latents(batch, gen), conditioning.denoiser_inputs(batch)
+            denoise = lambda x, t: base.family.denoise(model, x.to(dtype), t, inputs)  # noqa: E731
+            loss = objective.training_loss(denoise, latents, gen)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)

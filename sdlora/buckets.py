@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
+
 CROP_MODES = ("bucket", "center", "random")
 
 
@@ -89,19 +91,44 @@ def place(size: tuple[int, int], settings: BucketSettings, buckets: list[tuple[i
         if settings.mode == "random":
             return Placement(size, resized, (res, res), None)
         return Placement(size, resized, (res, res), ((resized[0] - res) // 2, (resized[1] - res) // 2))
-    if settings.no_upscale and size[0] * size[1] <= res * res:
-        # The image at its own size, cropped to its size rounded down to the step (kohya's no_upscale).
-        bucket = (max(step, size[0] // step * step), max(step, size[1] // step * step))
-        if bucket[0] <= size[0] and bucket[1] <= size[1]:
+    if settings.no_upscale:
+        # kohya's no_upscale: an image within resolution^2 keeps its size, one above is scaled down to that
+        # area; the bucket is that size rounded down to the step, and never wider or taller than max_reso
+        # (a side below min_reso stays: raising it would upscale).
+        scale = min(1.0, math.sqrt(res * res / (size[0] * size[1])))
+        top = settings.max_reso // step * step
+        bucket = tuple(min(top, max(step, int(side * scale) // step * step)) for side in size)
+        if scale == 1.0 and bucket[0] <= size[0] and bucket[1] <= size[1]:
             return Placement(size, size, bucket, ((size[0] - bucket[0]) // 2, (size[1] - bucket[1]) // 2))
-    elif settings.no_upscale:
-        scale = math.sqrt(res * res / (size[0] * size[1]))
-        scaled = (size[0] * scale, size[1] * scale)
-        bucket = (max(step, int(scaled[0]) // step * step), max(step, int(scaled[1]) // step * step))
     else:
         bucket = nearest_bucket(size, buckets)
     resized = _cover(size, bucket)
     return Placement(size, resized, bucket, ((resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2))
+
+
+def bucket_settings(
+    mode: str,
+    resolution: int,
+    size_multiple: int,
+    step: int | None = None,
+    min_reso: int | None = None,
+    max_reso: int | None = None,
+    no_upscale: bool = False,
+) -> BucketSettings:
+    """The bucket settings of a run: kohya's defaults (step 64, sides from resolution / 2 to resolution x 2),
+    never finer than the denoiser's own downsampling allows (16 px for the tiny model), every default a
+    multiple of the step; explicit bounds that are not are refused, as kohya does."""
+    step = step or size_multiple * max(1, min(64, resolution // 8) // size_multiple)
+    for name, value in (("--min_bucket_reso", min_reso), ("--max_bucket_reso", max_reso)):
+        if value is not None and value % step:
+            raise UserError(
+                f"{name} {value}: must be a multiple of the bucket step {step} (--bucket_reso_steps)"
+            )
+    low = min_reso or max(step, resolution // 2 // step * step)
+    high = max_reso or max(step, resolution * 2 // step * step)
+    if low > high:
+        raise UserError(f"--min_bucket_reso {low} is above --max_bucket_reso {high}")
+    return BucketSettings(mode, resolution, step, low, high, no_upscale)
 
 
 def place_all(sizes: list[tuple[int, int]], settings: BucketSettings) -> list[Placement]:
@@ -139,8 +166,9 @@ def epoch_batches(
     """Every batch of one epoch, for all processes, in training order: each batch from one bucket,
     every image exactly once, the images within a bucket and the batch order shuffled from the seed.
 
-    Processes take batches in turn, so the count is made a multiple of `world` by halving the largest
-    batches; only when no batch can be halved (more processes than images) are batches repeated.
+    Processes take batches in turn, so the count is made a multiple of `world`: by halving the largest
+    batch, else (all single images) by joining two of one bucket, so that no image repeats; only when
+    neither can be done (more processes than images, say) are batches repeated.
     """
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index, bucket in enumerate(buckets):
@@ -150,11 +178,26 @@ def epoch_batches(
         members = np.asarray(by_bucket[bucket])
         members = members[np.random.default_rng([seed, epoch, 1, k]).permutation(len(members))].tolist()
         batches += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
-    while len(batches) % world and any(len(b) > 1 for b in batches):
+    while len(batches) % world and any(len(b) > 1 for b in batches):  # one more batch: halve the largest
         i = max(range(len(batches)), key=lambda j: len(batches[j]))
         big = batches.pop(i)
         batches[i:i] = [big[: len(big) // 2], big[len(big) // 2 :]]
-    if len(batches) % world:
+    while len(batches) % world and len(batches) > world and (pair := _same_bucket_pair(batches, buckets)):
+        first, second = pair  # single images only now: one fewer batch, by joining two of one bucket
+        batches[first] += batches.pop(second)
+    if len(batches) % world:  # e.g. more processes than images: only repeating makes the count even
         batches += batches[: world - len(batches) % world]
     order = np.random.default_rng([seed, epoch, 2]).permutation(len(batches))
     return [batches[i] for i in order]
+
+
+def _same_bucket_pair(batches: list[list[int]], buckets: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The first two single-image batches from the same bucket (by position), or None."""
+    seen: dict[tuple[int, int], int] = {}
+    for j, batch in enumerate(batches):
+        if len(batch) != 1:
+            continue
+        if buckets[batch[0]] in seen:
+            return seen[buckets[batch[0]]], j
+        seen[buckets[batch[0]]] = j
+    return None

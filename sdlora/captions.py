@@ -73,10 +73,9 @@ def read_captions_json(path: str | Path) -> dict[Path, str]:
     return captions
 
 
-def read_metadata_jsonl(path: str | Path, caption_column: str = "text") -> dict[Path, str]:
-    """Read an imagefolder metadata.jsonl into {image path: caption}."""
+def metadata_rows(path: str | Path):
+    """(line number, row) of every non-empty line of an imagefolder metadata.jsonl; each row has a file_name."""
     path = Path(path)
-    captions: dict[Path, str] = {}
     for lineno, line in enumerate(_read_text(path, "metadata file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -88,8 +87,16 @@ def read_metadata_jsonl(path: str | Path, caption_column: str = "text") -> dict[
             ) from None
         if not isinstance(row, dict) or "file_name" not in row:
             raise UserError(
-                f'{path}: line {lineno} has no "file_name"; each line needs file_name and {caption_column}'
+                f'{path}: line {lineno} has no "file_name"; each line needs a file_name and a caption'
             )
+        yield lineno, row
+
+
+def read_metadata_jsonl(path: str | Path, caption_column: str = "text") -> dict[Path, str]:
+    """Read an imagefolder metadata.jsonl into {image path: caption}."""
+    path = Path(path)
+    captions: dict[Path, str] = {}
+    for lineno, row in metadata_rows(path):
         caption = row.get(caption_column)
         if caption is not None and not isinstance(caption, str):
             raise UserError(f"{path}: line {lineno}: {caption_column!r} is not a string")

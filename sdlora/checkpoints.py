@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,26 +20,11 @@ import torch
 from .errors import UserError
 from .faults import maybe_kill
 from .fileio import atomic_directory
-from .lora import LORA_WEIGHT_NAME, load_lora_into_models
+from .layout import LORA_WEIGHT_NAME, OPTIMIZER_FILE, STALE_TMP_RE, STATE_FILE, EarlierRun, list_checkpoints
+from .lora import load_lora_into_models
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STALE_TMP_RE = re.compile(r"^\.checkpoint-\d+\..*\.tmp$")
-STATE_FILE = "training_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in output_dir, oldest first; other folders are ignored."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for path in output_dir.iterdir():
-        match = CHECKPOINT_RE.match(path.name)
-        if match and path.is_dir() and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+__all__ = ["OPTIMIZER_FILE", "STATE_FILE", "list_checkpoints"]  # (re-exported: where checkpoints are named)
 
 
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
@@ -185,12 +169,15 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, l
     return state
 
 
-def check_compatible(saved: dict, current: dict, checkpoint: Path, force: bool) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's, naming each difference."""
+def check_compatible(saved: dict, current: dict, checkpoint: Path, force: bool) -> list[str]:
+    """Refuse a resume whose settings differ from the checkpoint's, naming each difference; returns the
+    differing keys (with --force_resume, which goes on). A checkpoint of an earlier sdlora that did not record
+    a setting cannot be checked for it: said once, not refused."""
+    unrecorded = [k for k in current if k not in saved]
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+        f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}"
         for k in current
-        if saved.get(k) != current.get(k)
+        if k in saved and saved[k] != current[k]
     ]
     if diffs and not force:
         raise UserError(
@@ -199,6 +186,13 @@ def check_compatible(saved: dict, current: dict, checkpoint: Path, force: bool) 
         )
     if diffs:
         logger.warning("resuming despite other settings (--force_resume): %s", "; ".join(diffs))
+    if unrecorded:
+        logger.warning(
+            "%s does not record %s (an earlier version wrote it); not checked",
+            checkpoint,
+            ", ".join(unrecorded),
+        )
+    return [k for k in current if k in saved and saved[k] != current[k]]
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None = None) -> list[Path]:
@@ -223,58 +217,31 @@ def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None =
     return removed
 
 
-def earlier_run_checkpoints(args) -> list[Path]:
-    """Checkpoints an earlier run left in --output_dir, which a new run must not mix with its own (pruning
-    would delete each new checkpoint right after writing it, and `latest` would resume the other run).
+def find_earlier_run(output_dir: str | Path, logging_dir: str, resuming: bool, overwrite: bool) -> EarlierRun:
+    """What an earlier run left in --output_dir, which a new run must not mix with its own (pruning would
+    delete each new checkpoint right after writing it, `latest` would resume the other run, and best/ or the
+    loss curve would be the other run's).
 
-    Refused unless this run resumes (--resume_from_checkpoint) or --overwrite_output_dir lets them go;
-    returns those to delete before this run's first checkpoint.
+    A folder with an earlier run's checkpoints is refused unless this run resumes (--resume_from_checkpoint)
+    or --overwrite_output_dir lets them go; with it, everything the earlier run wrote is returned, to be
+    removed once this run has saved something of its own.
     """
-    found = [path for _, path in list_checkpoints(args.output_dir)]
-    if not found or args.resume_from_checkpoint:
-        return []
-    if not args.overwrite_output_dir:
+    if resuming:
+        return EarlierRun()
+    earlier = EarlierRun.find(output_dir, logging_dir)
+    if earlier.checkpoints and not overwrite:
         raise UserError(
-            f"{args.output_dir}: holds {found[-1].name} from an earlier run; pass --resume_from_checkpoint "
-            "latest to continue it, --overwrite_output_dir to delete its checkpoints, or another --output_dir"
+            f"{output_dir}: holds {sorted(earlier.checkpoints, key=_step_of)[-1].name} from an earlier run; pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir"
         )
-    return found
+    return earlier if overwrite else EarlierRun()
 
 
-def compat_settings(args, num_processes: int, fingerprint: str, examples: int, captions_hash: str) -> dict:
-    """The settings a resumed run must share with its checkpoint to continue the same run."""
-    return {
-        "base_model": args.pretrained_model_name_or_path,
-        "rank": args.rank,
-        "lora_alpha": args.lora_alpha,
-        "adapter": args.adapter_spec.adapter_type,
-        "lora_layers": args.lora_layers if not args.lora_target_modules else list(args.lora_target_modules),
-        "conv_rank": args.conv_rank,
-        "conv_alpha": args.conv_alpha,
-        "train_text_encoder": args.train_text_encoder,
-        "dataset": fingerprint,
-        "examples": examples,
-        "caption_column": args.caption_column,
-        "captions": captions_hash,
-        "resolution": args.resolution,
-        "crop_mode": args.crop_mode,
-        "validation_split": args.validation_split,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": num_processes,
-        "seed": args.seed,
-    }
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
-def resume(args, models, optimizer, lr_scheduler, scaler, compat: dict) -> tuple[int, Path | None, dict]:
-    """Restore the checkpoint named by --resume_from_checkpoint; return (steps done, its folder, its state)."""
-    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if path is None:
-        if args.resume_from_checkpoint:
-            logger.info("no checkpoint in %s yet; starting a new run", args.output_dir)
-        return 0, None, {}
-    # Compare settings before loading, so a different rank is named rather than failing on shapes.
-    check_compatible(read_state(path)["compat"], compat, path, args.force_resume)
-    saved = load_checkpoint(path, models, optimizer, lr_scheduler, scaler)
-    logger.info("resumed from %s at step %d", path, saved["global_step"])
-    return saved["global_step"], path, saved
+def check_resume(path: Path, compat: dict, force: bool) -> list[str]:
+    """Compare settings before loading anything (refused before any work, and a different rank is named
+    rather than failing on shapes); returns the settings that differ with --force_resume."""
+    return check_compatible(read_state(path)["compat"], compat, path, force)

@@ -7,7 +7,10 @@ the batches, pictures and captions an uninterrupted run would, in any number of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,60 +24,141 @@ from .errors import UserError
 from .images import load_image
 
 
-def load_train_dataset(args):
-    """The training dataset from disk (create_dataset.py's output), an imagefolder, or the Hub."""
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a set of images and captions comes from: a dataset saved by create_dataset.py, an imagefolder
+    with metadata.jsonl, or a Hub dataset; which columns hold them; how many to use."""
+
+    disk_path: str | None = None
+    image_folder: str | None = None
+    hub_name: str | None = None
+    hub_config: str | None = None
+    cache_dir: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    max_samples: int | None = None
+    skip_invalid: bool = False  # images without a caption are listed and left out instead of refused
+
+    @classmethod
+    def training(cls, data) -> DatasetSource:
+        """The training set named by the data section of the configuration (config.train.DataConfig)."""
+        return cls(
+            data.dataset_disk_path if data.dataset_from_disk else None,
+            data.train_data_dir,
+            data.dataset_name,
+            data.dataset_config_name,
+            data.cache_dir,
+            data.image_column,
+            data.caption_column,
+            data.max_train_samples,
+            data.skip_invalid,
+        )
+
+    @classmethod
+    def separate_heldout(cls, heldout, data) -> DatasetSource | None:
+        """A separate held-out set (--validation_data_dir or --validation_dataset_disk_path), or None."""
+        if not (heldout.validation_data_dir or heldout.validation_dataset_disk_path):
+            return None
+        return cls(
+            heldout.validation_dataset_disk_path,
+            heldout.validation_data_dir,
+            cache_dir=data.cache_dir,
+            image_column=data.image_column,
+            caption_column=data.caption_column,
+            skip_invalid=data.skip_invalid,
+        )
+
+
+def load_train_dataset(source: DatasetSource):
+    """The dataset from disk (create_dataset.py's output), an imagefolder, or the Hub."""
     import datasets
 
-    if args.dataset_from_disk:
-        path = Path(args.dataset_disk_path)
+    if source.disk_path:
+        path = Path(source.disk_path)
         if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
             raise UserError(
                 f"{path}: no dataset saved there; run create_dataset.py or fix --dataset_disk_path"
             )
         dataset = datasets.load_from_disk(str(path))
-    elif args.train_data_dir:
-        dataset = load_image_folder(args.train_data_dir, args.cache_dir)
+    elif source.image_folder:
+        dataset = load_image_folder(source.image_folder, source.skip_invalid)
     else:
         try:
-            dataset = datasets.load_dataset(
-                args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir
-            )
+            dataset = datasets.load_dataset(source.hub_name, source.hub_config, cache_dir=source.cache_dir)
         except Exception as e:  # offline, unknown name, private: the user's remedy is the same
-            raise UserError(
-                f"{args.dataset_name}: cannot load the dataset ({type(e).__name__}: {e})"
-            ) from None
+            raise UserError(f"{source.hub_name}: cannot load the dataset ({type(e).__name__}: {e})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise UserError(f"dataset has splits {list(dataset)} but no 'train' split")
         dataset = dataset["train"]
-    for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
+    for column, flag in (
+        (source.image_column, "--image_column"),
+        (source.caption_column, "--caption_column"),
+    ):
         if column not in dataset.column_names:
             raise UserError(f"dataset has no column {column!r} (it has {dataset.column_names}); set {flag}")
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if source.max_samples is not None:
+        dataset = dataset.select(range(min(source.max_samples, len(dataset))))
     if len(dataset) == 0:
         raise UserError("the training dataset is empty")
     # Keep the raw bytes: images are decoded by our own loader (EXIF, RGB, corrupt-file checks).
-    return dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    return dataset.cast_column(source.image_column, datasets.Image(decode=False))
 
 
-def load_image_folder(folder: str, cache_dir: str | None = None):
-    """Every image under `folder` (with metadata.jsonl captions) as one train split.
+def load_image_folder(folder: str, skip_invalid: bool = False):
+    """Every image under `folder` with a caption in its metadata.jsonl, as one train split.
 
-    Given a bare folder, datasets' imagefolder infers splits from file names (COCO_val2014_1.jpg goes to
-    'validation', train_0.jpg to 'train' without metadata.jsonl), so the files are named as one split.
+    Read here rather than by datasets' imagefolder, which infers splits from file names (COCO_val2014_1.jpg
+    went to 'validation', train_0.jpg to 'train' without its caption) and drops or keeps images metadata.jsonl
+    does not name without a word: each image without a line (and each line without an image) is listed, and
+    refused unless skip_invalid.
     """
     import datasets
+
+    from .captions import metadata_rows
+    from .images import IMAGE_EXTENSIONS, report_problems
 
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{folder}: not a folder; pass an imagefolder with metadata.jsonl")
-    files = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    if not (root / "metadata.jsonl").is_file():
+    metadata = root / "metadata.jsonl"
+    if not metadata.is_file():
         raise UserError(
             f"{folder}: no metadata.jsonl with captions; write one, or build a dataset with create_dataset.py"
         )
-    return datasets.load_dataset("imagefolder", data_files={"train": files}, cache_dir=cache_dir)["train"]
+    images = {
+        p.relative_to(root).as_posix(): p
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    }
+    lines = [row for _, row in metadata_rows(metadata)]
+    named = {Path(row["file_name"]).as_posix() for row in lines}
+    problems = [
+        f"{images[n]}: no line in {metadata}; add one with its caption" for n in images if n not in named
+    ]
+    problems += [
+        f"{root / n}: named in {metadata} but not in the folder" for n in sorted(named - set(images))
+    ]
+    report_problems(
+        problems,
+        f"images in {folder} cannot be used (listed above); fix metadata.jsonl, or pass --skip_invalid "
+        "to train on the rest",
+        fatal=not skip_invalid,
+    )
+    rows = [
+        {"image": str(images[name]), **{k: v for k, v in row.items() if k != "file_name"}}
+        for row in lines
+        if (name := Path(row["file_name"]).as_posix()) in images
+    ]
+    if not rows:
+        raise UserError(f"{folder}: no image in it has a caption in metadata.jsonl")
+    # Identified by the files' names, sizes and times too: an image edited in place is a new dataset, so
+    # its cached latents are never served again.
+    stats = [(r["image"], os.stat(r["image"]).st_size, os.stat(r["image"]).st_mtime_ns) for r in rows]
+    identity = hashlib.sha256(json.dumps([rows, stats], sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+    return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image(), new_fingerprint=identity)
 
 
 def image_source(value) -> tuple[bytes | str, str]:
@@ -229,35 +313,35 @@ class BatchPlan:
         return steps
 
 
-def check_images(images: TrainImages, resolution: int) -> list[str]:
+def check_images(
+    images: TrainImages, resolution: int, upscales: bool = True
+) -> tuple[list[str], list[str], list[int]]:
     """Decode every image once, before any step: all unusable files are named together (not one crash
-    mid-run), each image's size is recorded, and the warnings users need are returned as lines."""
-    from .images import ImageReport, InvalidImageError, report_problems
+    mid-run) and each usable image's size is recorded. Returns (warnings users need, problems, the unusable
+    indices); the caller refuses or skips the unusable ones."""
+    from .images import ImageReport, InvalidImageError
 
-    problems, report, small = [], ImageReport(), 0
+    problems, bad, report, small = [], [], ImageReport(), 0
+    images.sizes = []
     for index in range(len(images)):
         source, name = image_source(images.dataset[index][images.image_column])
         try:
             loaded = load_image(source, name=name, background=images.augment.background)
         except InvalidImageError as e:
             problems.append(str(e))
+            bad.append(index)
             continue
         report.add(loaded)
         images.sizes.append(loaded.image.size)
         small += min(loaded.image.size) < resolution
-    report_problems(
-        problems,
-        "training images cannot be used (listed above); fix or remove them, "
-        "or rebuild the dataset with create_dataset.py --skip_invalid",
-    )
     warnings = []
-    if small:
+    if small and upscales:
         warnings.append(
             f"{small} of {len(images)} images are smaller than {resolution} px and will be upscaled"
         )
     if report.counts:
         warnings.append(report.summary())
-    return warnings
+    return warnings, problems, bad
 
 
 def check_captions(captions: list[str], tokenizer) -> list[str]:
@@ -276,16 +360,28 @@ def check_captions(captions: list[str], tokenizer) -> list[str]:
     return warnings
 
 
-def resolve_schedule(args, plan: BatchPlan, world: int) -> None:
-    """Total steps (args.max_train_steps, args.num_train_epochs) with the diffusers example's epoch/step
-    arithmetic; --scale_lr applied here, where the batch size is known."""
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length and learning rates, derived from the flags and the batch plan."""
+
+    max_train_steps: int
+    num_train_epochs: int
+    learning_rate: float  # after --scale_lr
+    unet_lr: float  # the denoiser's (default: learning_rate)
+    text_encoder_lr: float  # (default: learning_rate)
+
+
+def resolve_schedule(opt, plan: BatchPlan, world: int) -> Schedule:
+    """Total steps and epochs with the diffusers example's epoch/step arithmetic (opt:
+    config.train.OptimizationConfig); --scale_lr applied here, where the batch size is known."""
     per_epoch = plan.steps_per_epoch(world)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / per_epoch)
-    if args.scale_lr:
-        scale = args.gradient_accumulation_steps * args.train_batch_size * world
-        args.learning_rate *= scale
-        for flag in ("unet_lr", "text_encoder_lr"):
-            if getattr(args, flag, None) is not None:
-                setattr(args, flag, getattr(args, flag) * scale)
+    steps = opt.max_train_steps if opt.max_train_steps is not None else opt.num_train_epochs * per_epoch
+    scale = opt.gradient_accumulation_steps * opt.train_batch_size * world if opt.scale_lr else 1
+    lr = opt.learning_rate * scale
+    return Schedule(
+        steps,
+        math.ceil(steps / per_epoch),
+        lr,
+        opt.unet_lr * scale if opt.unet_lr is not None else lr,
+        opt.text_encoder_lr * scale if opt.text_encoder_lr is not None else lr,
+    )

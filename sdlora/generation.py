@@ -122,7 +122,7 @@ def inference_scheduler(model: str, prediction_type: str | None = None, revision
     when given: a v-prediction LoRA on an epsilon model must be sampled as v-prediction."""
     import diffusers
 
-    from .families import read_model_config
+    from .modelfiles import read_model_config
 
     _, class_name = read_model_config(model, "model_index.json", revision)["scheduler"]
     scheduler_class = getattr(diffusers, class_name)

@@ -26,8 +26,6 @@ LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
 MAGNITUDE = ".lora_magnitude_vector"
 
-_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-_SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _PART_OF_PREFIX = {
     "lora_unet_": "unet",
     "lora_te_": "text_encoder",
@@ -89,6 +87,28 @@ class SgmLayout:
 
 
 SDXL_LAYOUT = SgmLayout()  # SDXL base (and the tiny SDXL): 2 layers per level, attention in up levels 0 and 1
+
+
+@dataclass(frozen=True)
+class KohyaNames:
+    """How a family's LoRA modules are named in kohya's files: a prefix per model part, and the UNet's block
+    layout (SGM's numbering for SDXL; None: diffusers' module paths, as SD 1.x/2.x keep them)."""
+
+    prefixes: tuple[tuple[str, str], ...]  # (part, prefix) pairs
+    sgm: SgmLayout | None = None
+
+    def prefix(self, part: str) -> str:
+        return dict(self.prefixes)[part]
+
+    def with_layout(self, layout: SgmLayout | None) -> KohyaNames:
+        """The same names for a UNet of another block layout (SGM names only)."""
+        return KohyaNames(self.prefixes, layout or self.sgm) if self.sgm is not None else self
+
+
+SD_NAMES = KohyaNames((("unet", "lora_unet_"), ("text_encoder", "lora_te_"), ("text_encoder_2", "lora_te2_")))
+SDXL_NAMES = KohyaNames(
+    (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")), SDXL_LAYOUT
+)
 
 
 def is_conv3(tensor: torch.Tensor) -> bool:
@@ -166,11 +186,11 @@ def _from_sgm(module: str, layout: SgmLayout) -> str:
     raise KohyaFormatError(f"SGM UNet module {module!r} is not one kohya's SDXL layout has")
 
 
-def kohya_module_name(part: str, module: str, sdxl: bool, layout: SgmLayout = SDXL_LAYOUT) -> str:
+def kohya_module_name(part: str, module: str, names: KohyaNames = SD_NAMES) -> str:
     """`lora_unet_...` / `lora_te_...` name of a module (a diffusers/transformers path) of a model part."""
-    if part == "unet" and sdxl:
-        module = _to_sgm(module, layout)
-    return (_SDXL_PREFIXES if sdxl else _PREFIXES)[part] + module.replace(".", "_")
+    if part == "unet" and names.sgm is not None:
+        module = _to_sgm(module, names.sgm)
+    return names.prefix(part) + module.replace(".", "_")
 
 
 def module_from_kohya_name(name: str, layout: SgmLayout = SDXL_LAYOUT) -> tuple[str, str]:
@@ -194,8 +214,7 @@ def module_from_kohya_name(name: str, layout: SgmLayout = SDXL_LAYOUT) -> tuple[
 def to_kohya(
     parts: dict[str, dict[str, torch.Tensor]],
     alphas: dict[str, dict[str, float]],
-    sdxl: bool,
-    layout: SgmLayout = SDXL_LAYOUT,
+    names: KohyaNames = SD_NAMES,
 ) -> dict[str, torch.Tensor]:
     """kohya tensors from peft-named ones: down/up as they are, alpha as a 0-d float32, DoRA as dora_scale.
 
@@ -205,7 +224,7 @@ def to_kohya(
     out: dict[str, torch.Tensor] = {}
     for part, tensors in parts.items():
         for module, alpha in alphas[part].items():
-            name = kohya_module_name(part, module, sdxl, layout)
+            name = kohya_module_name(part, module, names)
             down = tensors[module + LORA_A]
             out[f"{name}.lora_down.weight"] = down
             out[f"{name}.lora_up.weight"] = tensors[module + LORA_B]

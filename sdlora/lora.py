@@ -3,25 +3,19 @@ their weights out, save them (the one LoRA saver) and load them back for resumin
 
 from __future__ import annotations
 
-import re
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# The same weights under kohya's key names, which AUTOMATIC1111 and ComfyUI load as they are. diffusers'
-# load_lora_weights(folder) still picks LORA_WEIGHT_NAME when both are in a folder.
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-LAYER_SETS = ("attn", "attn_ff", "all")
-# The UNet's attention projections: what the diffusers example trains.
-ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-# kohya's LoRA: every Linear and 1x1 conv inside the transformer blocks (Transformer2DModel).
-IN_TRANSFORMER = re.compile(r"\.attentions\.\d+\.")
-# kohya's LoCon adds the ResNet blocks and the down/up-samplers.
-IN_RESNET = re.compile(r"\.resnets\.\d+\.|\.(down|up)samplers\.\d+\.conv$")
-TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
-TEXT_MLP = ["fc1", "fc2"]
+from .config.train import LAYER_SETS
+from .families import SD1
+from .families.base import is_spatial_conv
+from .layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+
+__all__ = ["KOHYA_WEIGHT_NAME", "LAYER_SETS", "LORA_WEIGHT_NAME"]  # (re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -42,38 +36,30 @@ class AdapterSpec:
     def adapter_type(self) -> str:
         return "DoRA" if self.use_dora else "LoCon" if self.layers == "all" else "LoRA"
 
-
-def _is_layer(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
-
-
-def _is_3x3(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
-
-
-def unet_targets(unet: torch.nn.Module, spec: AdapterSpec) -> list[str]:
-    """Full names of the UNet layers that get a LoRA."""
-    if spec.target_modules:
-        return list(spec.target_modules)
-    names = []
-    for name, module in unet.named_modules():
-        if not _is_layer(module):
-            continue
-        if spec.layers == "attn":
-            chosen = bool(ATTENTION.search(name))
-        else:
-            chosen = bool(IN_TRANSFORMER.search(name)) and not _is_3x3(module)
-            chosen |= spec.layers == "all" and bool(IN_RESNET.search(name))
-        if chosen:
-            names.append(name)
-    return names
+    @classmethod
+    def from_config(cls, adapter) -> AdapterSpec:
+        """The spec of the adapter section of a configuration (config.train.AdapterConfig)."""
+        return cls(
+            rank=adapter.rank,
+            alpha=adapter.lora_alpha if adapter.lora_alpha is not None else float(adapter.rank),
+            layers=adapter.lora_layers,
+            target_modules=tuple(adapter.lora_target_modules) if adapter.lora_target_modules else None,
+            conv_rank=adapter.conv_rank,
+            conv_alpha=adapter.conv_alpha,
+            use_dora=adapter.use_dora,
+            dropout=adapter.lora_dropout,
+            text_encoder=adapter.train_text_encoder,
+        )
 
 
-def unet_lora_config(unet: torch.nn.Module, spec: AdapterSpec):
+def denoiser_lora_config(targets: list[str], denoiser: torch.nn.Module, spec: AdapterSpec):
+    """peft's LoraConfig for the denoiser layers `targets` (the family's layer set, or spec.target_modules);
+    spatial convs (LoCon) take the conv rank and alpha."""
     from peft import LoraConfig
 
-    targets = unet_targets(unet, spec)
-    convs = [n for n in targets if _is_3x3(unet.get_submodule(n))] if not spec.target_modules else []
+    convs = (
+        [n for n in targets if is_spatial_conv(denoiser.get_submodule(n))] if not spec.target_modules else []
+    )
     conv_rank = spec.conv_rank or spec.rank
     conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else float(conv_rank)
     return LoraConfig(
@@ -88,35 +74,38 @@ def unet_lora_config(unet: torch.nn.Module, spec: AdapterSpec):
     )
 
 
-def text_lora_config(spec: AdapterSpec):
+def text_lora_config(targets: list[str], spec: AdapterSpec):
     from peft import LoraConfig
 
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         init_lora_weights="gaussian",
-        target_modules=TEXT_ATTENTION + (TEXT_MLP if spec.layers != "attn" else []),
+        target_modules=targets,
         use_dora=spec.use_dora,
         lora_dropout=spec.dropout,
     )
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
-    """Attach a trainable LoRA adapter to the UNet's attention projections (the default layer set)."""
-    unet.add_adapter(unet_lora_config(unet, AdapterSpec(rank=rank, alpha=alpha)))
+    """Attach a trainable LoRA adapter to a UNet's attention projections (the default layer set)."""
+    spec = AdapterSpec(rank=rank, alpha=alpha)
+    unet.add_adapter(denoiser_lora_config(SD1.lora_targets(unet, "attn"), unet, spec))
 
 
 def add_adapters(base, spec: AdapterSpec, seed: int) -> dict[str, torch.nn.Module]:
-    """Attach fp32 LoRA adapters to the UNet and (with spec.text_encoder) the text encoders; return the
+    """Attach fp32 LoRA adapters to the denoiser and (with spec.text_encoder) the text encoders; return the
     adapted models by pipeline component name. The initial weights are a function of the seed."""
     from peft import get_peft_model  # noqa: F401  (peft must be importable for add_adapter)
 
+    family, denoiser = base.family, base.denoiser
     torch.manual_seed(seed)
-    base.unet.add_adapter(unet_lora_config(base.unet, spec))
-    models = {"unet": base.unet}
+    targets = list(spec.target_modules) if spec.target_modules else family.lora_targets(denoiser, spec.layers)
+    denoiser.add_adapter(denoiser_lora_config(targets, denoiser, spec))
+    models = {family.denoiser: denoiser}
     if spec.text_encoder:
-        for name, encoder in zip(base.family.text_encoders, base.text_encoders):
-            encoder.add_adapter(text_lora_config(spec))
+        for name, encoder in zip(family.text_encoders, base.text_encoders):
+            encoder.add_adapter(text_lora_config(family.text_lora_targets(spec.layers), spec))
             models[name] = encoder
     for model in models.values():
         for param in lora_parameters(model):
@@ -135,13 +124,19 @@ def save_lora_files(
 ) -> Path:
     """Write both LoRA files into `folder` (the one LoRA saver, for checkpoints and final outputs):
     pytorch_lora_weights.safetensors (diffusers) and pytorch_lora_weights_kohya.safetensors (A1111,
-    ComfyUI), each with the adapters' settings and `metadata` in its header."""
+    ComfyUI), each with the adapters' settings and `metadata` in its header. Both or neither: they are
+    written beside each other under temporary names and renamed into place only when both are complete."""
     from .lora_weights import weights_from_models, write_diffusers, write_kohya
 
     folder = Path(folder)
-    weights = weights_from_models(models, family.name, metadata)
-    write_kohya(weights, folder / KOHYA_WEIGHT_NAME)
-    return write_diffusers(weights, folder / LORA_WEIGHT_NAME)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = weights_from_models(models, family, metadata)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as tmp:
+        write_kohya(weights, Path(tmp) / KOHYA_WEIGHT_NAME)
+        write_diffusers(weights, Path(tmp) / LORA_WEIGHT_NAME)
+        for name in (KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME):
+            os.replace(Path(tmp) / name, folder / name)
+    return folder / LORA_WEIGHT_NAME
 
 
 def load_lora_into_models(models: dict[str, torch.nn.Module], file: str | Path) -> None:

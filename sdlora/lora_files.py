@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import list_checkpoints
 from .errors import UserError
+from .families import family_of_denoiser
 from .kohya import SgmLayout
-from .lora import LORA_WEIGHT_NAME
+from .layout import LORA_WEIGHT_NAME, list_checkpoints
 from .lora_weights import ADAPTER_METADATA_KEY, LoraWeights, weights_from_file
 
 OLD_LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"  # what the original toolkit wrote
@@ -218,14 +218,12 @@ def _diffusers_errors_only():
         diffusers_logging.set_verbosity(level)
 
 
-def check_family(weights, family: str, lora_name: str, model_name: str) -> None:
-    """UserError naming the LoRA when it was made for another family than the base model's."""
-    from .families import FAMILIES
-
-    if weights.family and weights.family != family:
+def check_family(weights, family, lora_name: str, model_name: str) -> None:
+    """UserError naming the LoRA when it was made for another family (families.Family) than the base model's."""
+    if weights.family and weights.family is not family:
         raise UserError(
-            f"{lora_name}: a LoRA for {FAMILIES[weights.family].title}, but {model_name} is "
-            f"{FAMILIES[family].title}; use a base model of the LoRA's family"
+            f"{lora_name}: a LoRA for {weights.family.title}, but {model_name} is "
+            f"{family.title}; use a base model of the LoRA's family"
         )
 
 
@@ -233,11 +231,9 @@ def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLor
     """Load a LoRA (folder or file, any accepted format) into a Stable Diffusion pipeline as adapter 'lora'."""
     import tempfile
 
-    from .families import family_of_unet_config
-
     lora = lora or read_lora_file(find_lora_file(path))
     weights = weights_of(lora)
-    check_family(weights, family_of_unet_config(pipe.unet.config).name, str(lora.path), pipe.name_or_path)
+    check_family(weights, family_of_denoiser(pipe.unet.config), str(lora.path), pipe.name_or_path)
     layers = check_fits(weights, pipe, str(lora.path))
     with tempfile.TemporaryDirectory(prefix="sdlora-") as tmp:
         # Our files keep lora_alpha in the safetensors header, which diffusers reads only from a path (a dict

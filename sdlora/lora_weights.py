@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .families import FAMILIES, family_of_unet_config
+from .families import SD1, SDXL, Family, family_of_denoiser, family_of_lora
 from .fileio import atomic_file
 from .kohya import (
     LORA_A,
@@ -46,16 +46,6 @@ from .kohya import (
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 # diffusers' header key for the adapter configs (loaders.lora_base.LORA_ADAPTER_METADATA_KEY)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-# Cross-attention width of the real models (the UNet's attn2.to_k input): tells a file's family by shape.
-_CROSS_ATTENTION_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-# Key prefixes only SDXL's kohya files have: two text encoders, and the SGM UNet's blocks.
-_SDXL_KOHYA_PREFIXES = (
-    "lora_te1_",
-    "lora_te2_",
-    "lora_unet_input_blocks",
-    "lora_unet_middle_block",
-    "lora_unet_output_blocks",
-)
 # Header keys that describe one file's tensors; recomputed when writing, so not carried from a file read.
 _DERIVED_KEYS = {
     "format",
@@ -73,7 +63,7 @@ class LoraWeights:
 
     parts: dict[str, dict[str, torch.Tensor]]
     alphas: dict[str, dict[str, float]]  # part -> module path -> alpha (float32 values, as kohya stores them)
-    family: str | None = None  # "sd1", "sd2", "sdxl"
+    family: Family | None = None  # None: neither the file's names nor its shapes tell
     metadata: dict[str, str] = field(default_factory=dict)
     sgm_layout: SgmLayout | None = None  # the UNet's layout for kohya's SDXL names (None: SDXL's own)
 
@@ -100,8 +90,9 @@ class LoraWeights:
         return (scale * up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
 
     @property
-    def sdxl(self) -> bool:
-        return self.family == "sdxl" or "text_encoder_2" in self.parts
+    def kohya_names(self):
+        """How kohya's files name this LoRA's modules (kohya.KohyaNames): its family's, in its UNet's layout."""
+        return (self.family or SD1).kohya_names.with_layout(self.sgm_layout)
 
     def is_dora(self, part: str | None = None) -> bool:
         tensors = [self.parts[part]] if part else self.parts.values()
@@ -121,27 +112,6 @@ def float32(value: float) -> float:
     return torch.tensor(float(value), dtype=torch.float32).item()
 
 
-def family_from_metadata(metadata: dict[str, str]) -> str | None:
-    """The family a kohya header names (ss_base_model_version, modelspec.architecture), or None."""
-    version = metadata.get("ss_base_model_version", "")
-    architecture = metadata.get("modelspec.architecture", "")
-    for family, version_prefix, architecture_prefix in (
-        ("sdxl", "sdxl", "stable-diffusion-xl"),
-        ("sd2", "sd_v2", "stable-diffusion-v2"),
-        ("sd1", "sd_v1", "stable-diffusion-v1"),
-    ):
-        if version.startswith(version_prefix) or architecture.startswith(architecture_prefix):
-            return family
-    return None
-
-
-def _family_from_shapes(parts: dict[str, dict[str, torch.Tensor]]) -> str | None:
-    for key, tensor in parts.get("unet", {}).items():
-        if re.search(r"attn2\.to_[kv]\.lora_A\.weight$", key):
-            return _CROSS_ATTENTION_DIMS.get(tensor.shape[1])
-    return None
-
-
 def _te_path(module: str) -> str:
     """transformers' full CLIP path: CLIPTextModel in transformers 5 has no `text_model.` root any more."""
     return module if module.startswith(("text_model.", "text_projection")) else f"text_model.{module}"
@@ -159,7 +129,7 @@ def _modules_of(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def weights_from_models(
     models: dict[str, torch.nn.Module],
-    family: str | None = None,
+    family: Family | None = None,
     metadata: dict[str, str] | None = None,
     adapter_name: str = "default",
 ) -> LoraWeights:
@@ -194,10 +164,10 @@ def weights_from_models(
         parts[part], alphas[part] = _canonical(part, tensors), module_alphas
     unet = models.get("unet")
     if family is None and "text_encoder_2" in models:
-        family = "sdxl"
+        family = SDXL
     elif family is None and unet is not None:
-        family = family_of_unet_config(unet.config).name
-    layout = SgmLayout.from_unet_config(unet.config) if family == "sdxl" and unet is not None else None
+        family = family_of_denoiser(unet.config)
+    layout = family.sgm_layout(unet.config) if family is not None and unet is not None else None
     return LoraWeights(parts, alphas, family, dict(metadata or {}), layout)
 
 
@@ -250,7 +220,7 @@ def _with_family(weights: LoraWeights) -> dict[str, str]:
     metadata = dict(weights.metadata)
     if weights.family and "ss_base_model_version" not in metadata:
         # (the trainer passes its own, which knows SD 2's prediction type: sd_v2_v for v-prediction)
-        metadata["ss_base_model_version"] = FAMILIES[weights.family].base_model_version("epsilon")
+        metadata["ss_base_model_version"] = weights.family.base_model_version("epsilon")
     return metadata
 
 
@@ -271,9 +241,11 @@ def write_diffusers(weights: LoraWeights, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    if "text_encoder_2" in weights.parts and weights.family not in (None, "sdxl"):
-        raise ValueError(f"a second text encoder's LoRA in a {weights.family} LoRA")
-    pipeline = FAMILIES["sdxl" if weights.sdxl else weights.family or "sd1"].pipeline_class
+    family = weights.family or (SDXL if "text_encoder_2" in weights.parts else SD1)
+    strays = [p for p in weights.parts if p != family.denoiser and p not in family.text_encoders]
+    if strays:
+        raise ValueError(f"{strays[0]} LoRA layers in a {family.title} LoRA")
+    pipeline = family.pipeline_class
     kwargs = {}
     for part, tensors in weights.parts.items():
         if part != "unet":  # see _TE_MAGNITUDE
@@ -361,11 +333,9 @@ def weights_from_file(
             parts, alphas = from_kohya(state, sgm_layout or SDXL_LAYOUT)
         except KohyaFormatError as e:
             raise UserError(f"{name}: {e}") from None
-        sdxl_names = any(k.startswith(_SDXL_KOHYA_PREFIXES) for k in state)
     else:
         parts, alphas = _from_diffusers(name, state, header)
-        sdxl_names = "text_encoder_2" in parts
-    family = "sdxl" if sdxl_names else family_from_metadata(header) or _family_from_shapes(parts)
+    family = family_of_lora(header, list(state) if kohya else [], parts)
     metadata = {k: v for k, v in header.items() if k not in _DERIVED_KEYS}
     order = [p for p in PARTS if p in parts]  # the UNet first, whatever order the file's keys sort in
     parts, alphas = {p: parts[p] for p in order}, {p: alphas[p] for p in order}
@@ -385,7 +355,7 @@ def write_kohya(weights: LoraWeights, path: str | Path) -> Path:
 
     path = Path(path)
     try:
-        tensors = to_kohya(weights.parts, weights.alphas, weights.sdxl, weights.sgm_layout or SDXL_LAYOUT)
+        tensors = to_kohya(weights.parts, weights.alphas, weights.kohya_names)
     except KohyaFormatError as e:
         raise UserError(f"{path}: cannot write it in kohya's format: {e}") from None
     metadata = _file_metadata(weights)

@@ -27,8 +27,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Where each family's tiny model is built on first use (git-ignored), by family name.
+TINY_MODEL_DIRS = {"sd1": "tiny-sd", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
+
+
 def default_tiny_model_dir(family: str = "sd1") -> Path:
-    return REPO_ROOT / "models" / ("tiny-sd" if family == "sd1" else f"tiny-{family}")
+    return REPO_ROOT / "models" / TINY_MODEL_DIRS[family]
 
 
 TINY_RESOLUTION = 64  # native size: UNet sample_size 8 x VAE scale factor 8

@@ -147,10 +147,26 @@ def test_explicit_target_modules_adapt_only_those_layers(tmp_path, tiny_model, t
 def test_gradient_checkpointing_with_the_text_encoder_trains_the_same_weights(
     tmp_path, tiny_model, tiny_dataset
 ):
+    from conftest import read_trace
+
     common = ("--max_train_steps", "2", "--train_text_encoder", "--center_crop")
+    switched_on = {}
     for name, extra in (("plain", ()), ("checkpointed", ("--gradient_checkpointing",))):
-        result = train(tiny_model, tiny_dataset, tmp_path / name, *common, *extra)
+        (tmp_path / f"trace-{name}").mkdir()
+        result = train(
+            tiny_model,
+            tiny_dataset,
+            tmp_path / name,
+            *common,
+            *extra,
+            env={"SDLORA_TRACE_DIR": str(tmp_path / f"trace-{name}")},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
+        (events,) = read_trace(tmp_path / f"trace-{name}").values()
+        setup = next(e for e in events if e["event"] == "setup")
+        switched_on[name] = (setup["gradient_checkpointing"], setup["text_encoder_gradient_checkpointing"])
+    # It is really on (the modules' own flags), and changes nothing but the memory.
+    assert switched_on == {"plain": (False, [False]), "checkpointed": (True, [True])}
     a, b = lora_weights(tmp_path / "plain"), lora_weights(tmp_path / "checkpointed")
     assert any(k.startswith("text_encoder.") for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

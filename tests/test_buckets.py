@@ -132,3 +132,48 @@ def test_bucket_table_and_kohya_metadata():
     assert sum(b["count"] for b in info["buckets"].values()) == len(MIXED)
     assert {tuple(b["resolution"]) for b in info["buckets"].values()} == {b for b, _, _ in table}
     assert 0 <= info["mean_img_ar_error"] < 0.2
+
+
+@pytest.mark.parametrize(
+    "resolution,multiple,expected",
+    [
+        (72, 16, (16, 32, 144)),
+        (100, 32, (32, 32, 192)),
+        (512, 64, (64, 256, 1024)),
+        (1024, 32, (64, 512, 2048)),
+    ],
+)
+def test_default_bucket_bounds_are_multiples_of_the_step(resolution, multiple, expected):
+    from sdlora.buckets import bucket_settings
+
+    settings = bucket_settings("bucket", resolution, multiple)
+    assert (settings.step, settings.min_reso, settings.max_reso) == expected
+    buckets = bucket_resolutions(resolution, settings.min_reso, settings.max_reso, settings.step)
+    assert all(w % settings.step == 0 and h % settings.step == 0 for w, h in buckets)  # (72 px gave 68x64)
+
+
+def test_explicit_bucket_bounds_off_the_step_are_refused_as_kohya_does():
+    from sdlora.buckets import bucket_settings
+    from sdlora.errors import UserError
+
+    with pytest.raises(UserError, match="--min_bucket_reso 36: must be a multiple of the bucket step 16"):
+        bucket_settings("bucket", 72, 16, min_reso=36)
+    with pytest.raises(UserError, match="--max_bucket_reso 100: must be a multiple of the bucket step 64"):
+        bucket_settings("bucket", 512, 64, step=64, max_reso=100)
+    with pytest.raises(UserError, match="above --max_bucket_reso"):
+        bucket_settings("bucket", 512, 64, min_reso=512, max_reso=256)
+
+
+def test_no_upscale_keeps_buckets_within_the_largest_side():
+    settings = BucketSettings("bucket", 512, 64, 256, 1024, no_upscale=True)
+    thin = place((2000, 100), settings, [])  # within 512^2 pixels, but wider than 1024
+    assert thin.bucket == (1024, 64) and thin.resized == (2000, 100)  # cropped, never enlarged
+    tall = place((300, 4000), settings, [])  # above 512^2: scaled down first, then held to 1024 tall
+    assert tall.bucket[1] == 1024 and tall.resized[1] >= 1024 and tall.resized[0] >= tall.bucket[0]
+
+
+def test_an_odd_count_of_single_image_batches_never_repeats_an_image_across_processes():
+    for images, world in ((3, 2), (5, 3), (7, 2)):
+        batches = epoch_batches([(0, 0)] * images, 1, seed=0, epoch=0, world=world)
+        flat = [i for b in batches for i in b]
+        assert len(batches) % world == 0 and sorted(flat) == list(range(images)), (images, world, batches)

@@ -3,12 +3,22 @@ cache reads back exactly what the memory cache holds, in shards any number of pr
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from test_fileio import run_on_small_disk
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdlora.cache import SHARD_SIZE, ShardReader, TensorStore, latent_cache_key, text_cache_key
+from sdlora.cache import (
+    SHARD_SIZE,
+    ShardReader,
+    TensorStore,
+    latent_cache_key,
+    module_fingerprint,
+    text_cache_key,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +46,61 @@ def settings(**changes):
     return {**base, **changes}
 
 
-def test_latent_key_changes_with_every_input(parts):
+def nudged(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A copy of module with one element of weight `name` changed, an element between the ~64 evenly
+    spaced ones a sampling fingerprint would read (a fine-tuned VAE differs in a few weights only)."""
+    module = copy.deepcopy(module)
+    flat = module.get_parameter(name).data.view(-1)
+    stride = max(1, flat.numel() // 64)
+    assert stride > 2, name
+    i = 3 * stride + stride // 2
+    before = flat[i].item()
+    flat[i] += 1e-2 * abs(before) + 1e-3  # (relative: a bf16 weight must change too)
+    assert flat[i].item() != before
+    return module
+
+
+# One change to each setting the latents depend on.
+SETTING_CHANGES = {
+    "buckets.mode": {"mode": "center"},
+    "buckets.resolution": {"resolution": 96},
+    "buckets.step": {"step": 32},
+    "buckets.min_reso": {"min_reso": 16},
+    "buckets.max_reso": {"max_reso": 256},
+    "buckets.no_upscale": {"no_upscale": True},
+    "flip": False,
+    "interpolation": "bilinear",
+    "background": (0, 0, 0),
+}
+
+
+def test_latent_key_changes_with_each_input_alone(parts):
     vae = parts[0]
     key = latent_cache_key("data-a", vae, settings(), torch.float32)
-    assert key == latent_cache_key("data-a", vae, settings(), torch.float32)
-    other_buckets = {**settings()["buckets"], "step": 32}
-    changed = [
-        latent_cache_key("data-b", vae, settings(), torch.float32),
-        latent_cache_key("data-a", vae, settings(buckets=other_buckets), torch.float32),
-        latent_cache_key("data-a", vae, settings(buckets={**other_buckets, "mode": "center"}), torch.float32),
-        latent_cache_key("data-a", vae, settings(flip=False), torch.float32),
-        latent_cache_key("data-a", vae, settings(interpolation="bilinear"), torch.float32),
-        latent_cache_key("data-a", vae, settings(background=(0, 0, 0)), torch.float32),
-        latent_cache_key("data-a", vae, settings(), torch.bfloat16),
-    ]
-    with torch.no_grad():
-        vae.decoder.conv_out.bias[0] += 1e-3  # a fine-tuned VAE differs in a few weights only
-    changed.append(latent_cache_key("data-a", vae, settings(), torch.float32))
-    assert key not in changed and len(set(changed)) == len(changed)
+    assert key == latent_cache_key("data-a", copy.deepcopy(vae), settings(), torch.float32)
+    changed = {
+        "dataset": latent_cache_key("data-b", vae, settings(), torch.float32),
+        "dtype": latent_cache_key("data-a", vae, settings(), torch.bfloat16),
+        "encoder weight": latent_cache_key(
+            "data-a", nudged(vae, "encoder.mid_block.resnets.0.conv1.weight"), settings(), torch.float32
+        ),
+    }
+    for name, change in SETTING_CHANGES.items():
+        if name.startswith("buckets."):
+            change = {"buckets": {**settings()["buckets"], **change}}
+        else:
+            change = {name: change}
+        changed[name] = latent_cache_key("data-a", vae, settings(**change), torch.float32)
+    assert [name for name, other in changed.items() if other == key] == []
+    assert len(set(changed.values())) == len(changed)
+
+
+def test_fingerprint_reads_every_element_of_bf16_weights(parts):
+    vae = copy.deepcopy(parts[0]).to(torch.bfloat16)
+    name = "encoder.down_blocks.1.resnets.0.conv2.weight"
+    assert module_fingerprint(vae) == module_fingerprint(copy.deepcopy(vae))
+    assert module_fingerprint(vae) != module_fingerprint(nudged(vae, name))
+    assert module_fingerprint(vae) != module_fingerprint(parts[0])  # fp32 weights: other bytes
 
 
 def test_text_key_covers_the_captions_encoded_the_tokenizer_and_the_encoder(parts):
@@ -65,9 +112,9 @@ def test_text_key_covers_the_captions_encoded_the_tokenizer_and_the_encoder(part
     assert key != text_cache_key(["a cat", "a dog"], [text], [tokenizer], torch.float32)
     tokenizer.model_max_length = 77
     assert key == text_cache_key(["a cat", "a dog"], [text], [tokenizer], torch.float32)
-    with torch.no_grad():
-        text.get_parameter("final_layer_norm.weight")[0] += 1e-3
-    assert key != text_cache_key(["a cat", "a dog"], [text], [tokenizer], torch.float32)
+    fc1 = next(n for n, _ in text.named_parameters() if n.endswith("layers.0.mlp.fc1.weight"))
+    nudged_text = nudged(text, fc1)
+    assert key != text_cache_key(["a cat", "a dog"], [nudged_text], [tokenizer], torch.float32)
 
 
 def entries(indices):
@@ -139,3 +186,29 @@ def test_shard_reader_reads_safetensors_written_by_safetensors(tmp_path):
     save_file(tensors, str(tmp_path / "f.safetensors"), metadata={"k": "v"})
     reader = ShardReader(tmp_path / "f.safetensors")
     assert all(torch.equal(reader.get(k), v) for k, v in tensors.items())
+
+
+FULL_CACHE = """
+import os
+os.environ["SDLORA_CACHE_SHARD_SIZE"] = "4"  # shards of 1.5 MB: the first fits the 2 MB disk, the second not
+import torch
+from sdlora.cache import TensorStore
+from sdlora.errors import run_cli
+
+folder = root / "latents-0123456789abcdef"
+store = TensorStore(8, ["x"], folder, in_memory=False)
+try:
+    run_cli(store.fill, lambda idx: [{"x": torch.zeros(96, 1024)} for _ in idx], 0, 1, lambda: None)
+finally:
+    print(sorted(p.name for p in folder.iterdir()))
+"""
+
+
+def test_a_full_cache_disk_ends_in_one_error_line_and_leaves_no_partial_shard(tmp_path):
+    result = run_on_small_disk(tmp_path, FULL_CACHE)
+    folder = tmp_path / "disk" / "latents-0123456789abcdef"
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {folder}: "), result.stderr
+    for advice in ("free some space", "another --latents_cache_dir", "drop --cache_latents_to_disk"):
+        assert advice in result.stderr
+    assert result.stdout.splitlines() == ["['shard-00000.safetensors']"]  # the whole shard, nothing partial

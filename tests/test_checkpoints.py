@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,14 +95,12 @@ def test_pruning_keeps_newest_by_step_ignores_strays_and_protects_resume_source(
 
 def test_an_earlier_runs_checkpoints_are_refused_unless_resuming_or_overwriting(tmp_path):
     _fake_checkpoint(tmp_path / "checkpoint-5000")
-    args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=None, overwrite_output_dir=False)
     with pytest.raises(UserError, match="checkpoint-5000 from an earlier run.*--overwrite_output_dir"):
-        checkpoints.earlier_run_checkpoints(args)
-    args.overwrite_output_dir = True
-    assert checkpoints.earlier_run_checkpoints(args) == [tmp_path / "checkpoint-5000"]
+        checkpoints.find_earlier_run(tmp_path, "logs", resuming=False, overwrite=False)
+    earlier = checkpoints.find_earlier_run(tmp_path, "logs", resuming=False, overwrite=True)
+    assert earlier.checkpoints == [tmp_path / "checkpoint-5000"]
     assert (tmp_path / "checkpoint-5000").is_dir()  # deleted only when this run saves its first checkpoint
-    args.overwrite_output_dir, args.resume_from_checkpoint = False, "latest"
-    assert checkpoints.earlier_run_checkpoints(args) == []
+    assert checkpoints.find_earlier_run(tmp_path, "logs", resuming=True, overwrite=False).entries == []
 
 
 def _save(folder: Path, step: int, lora_bytes: int = 1000):

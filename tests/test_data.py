@@ -90,3 +90,16 @@ def test_image_folder_without_captions_is_refused_by_name(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(UserError, match="no metadata.jsonl"):
         load_image_folder(str(tmp_path))
+
+
+def test_images_missing_from_metadata_jsonl_are_listed_and_refused_unless_skipped(tmp_path, capsys):
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    rows = [{"file_name": n, "text": n} for n in ("a.png", "b.png", "c.png", "gone.png")]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="2 images in .* cannot be used.*--skip_invalid"):
+        load_image_folder(str(tmp_path))
+    listed = capsys.readouterr().err
+    assert "d.png: no line in" in listed and "gone.png: named in" in listed
+    dataset = load_image_folder(str(tmp_path), skip_invalid=True)
+    assert sorted(dataset["text"]) == ["a.png", "b.png", "c.png"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from sdlora.families import SD1, SD2, SDXL, detect_family, time_ids
-from sdlora.models import load_base_model, load_frozen_model, native_resolution
+from sdlora.families import SD1, SD2, SDXL, Geometry, detect_family, time_ids
+from sdlora.models import load_base_model, native_resolution
 
 
 @pytest.fixture(scope="session")
@@ -50,30 +48,26 @@ def test_each_family_names_its_base_model_as_kohya_and_the_model_spec_do():
 def test_conditioning_drives_the_family_unet(tiny_models, family):
     base = load_base_model(str(tiny_models[family]))
     text = base.encode_prompts(["a red circle", "a blue square"], "cpu")
-    ids = (
-        torch.tensor([time_ids((96, 128), (0, 16), (64, 64))] * 2, dtype=torch.float32)
-        if base.family.uses_time_ids
-        else None
-    )
-    inputs = base.family.unet_inputs(text, ids)
+    geometry = [Geometry((96, 128), (0, 16), (64, 64))] * 2
+    inputs = base.family.denoiser_inputs(text, geometry, "cpu", torch.float32)
     out = base.unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), **inputs).sample
     assert out.shape == (2, 4, 8, 8)
     if family == "sdxl":
         # Both encoders' penultimate states side by side, and the second one's pooled output.
         assert text["prompt_embeds"].shape == (2, 77, 64) and text["pooled"].shape == (2, 32)
+        first = {k: v[:1] for k, v in text.items()}
         with torch.no_grad():
             other = base.unet(
                 torch.zeros(1, 4, 8, 8),
                 10,
-                **base.family.unet_inputs(
-                    {k: v[:1] for k, v in text.items()},
-                    torch.tensor([time_ids((128, 128), (0, 0), (64, 64))], dtype=torch.float32),
+                **base.family.denoiser_inputs(
+                    first, [Geometry((128, 128), (0, 0), (64, 64))], "cpu", torch.float32
                 ),
             ).sample
             same = base.unet(
                 torch.zeros(1, 4, 8, 8),
                 10,
-                **base.family.unet_inputs({k: v[:1] for k, v in text.items()}, ids[:1]),
+                **base.family.denoiser_inputs(first, geometry[:1], "cpu", torch.float32),
             ).sample
         assert not torch.allclose(other, same)  # the size/crop conditioning reaches the UNet
     else:
@@ -86,18 +80,13 @@ def test_sdxl_time_ids_are_height_width_first():
 
 
 def test_the_trainer_loads_the_unet_with_pytorch_sdpa_attention(tiny_model):
-    args = SimpleNamespace(
-        pretrained_model_name_or_path=str(tiny_model),
-        revision=None,
-        variant=None,
-        pretrained_vae_model_name_or_path=None,
-        resolution=None,
-        prediction_type=None,
-        gradient_checkpointing=False,
-        enable_xformers_memory_efficient_attention=False,
-        channels_last=False,
-    )
-    base = load_frozen_model(args, torch.device("cpu"), torch.float32)
+    from sdlora.config import parse_train_config
+    from sdlora.training.setup import derive_settings, load_model
+
+    cfg = parse_train_config("", ["--pretrained_model_name_or_path", str(tiny_model), "--dataset_from_disk"])
+    base = load_model(cfg, torch.device("cpu"), torch.float32)
     # AttnProcessor2_0 is diffusers' processor that calls F.scaled_dot_product_attention.
     assert {type(p).__name__ for p in base.unet.attn_processors.values()} == {"AttnProcessor2_0"}
-    assert args.resolution == 64 and args.prediction_type == "epsilon"
+    accelerator = type("Launch", (), {"mixed_precision": "no", "num_processes": 1})()
+    settings = derive_settings(cfg, base, accelerator, None)
+    assert settings.resolution == 64 and settings.prediction_type == "epsilon"

@@ -101,7 +101,7 @@ def test_sdxl_time_ids_follow_each_images_size_bucket_crop_and_flip(tiny_sdxl):
     from sdlora.caption_controls import CaptionControls
     from sdlora.data import Augment, TrainImages
     from sdlora.models import load_base_model
-    from sdlora.training import Conditioning
+    from sdlora.training.conditioning import Conditioning
 
     base = load_base_model(str(tiny_sdxl))
     images = TrainImages([], "image", ["a"], Augment(0, True), CaptionControls())
@@ -112,7 +112,8 @@ def test_sdxl_time_ids_follow_each_images_size_bucket_crop_and_flip(tiny_sdxl):
     left, top = p.crop
     conditioning = Conditioning(base, images, None, None, base.text_encoders, "cpu", torch.float32)
     batch = {"index": torch.tensor([0, 0]), "flip": torch.tensor([False, True]), "crop": [p.crop, p.crop]}
-    ids = conditioning.time_ids(batch).tolist()
+    batch["caption"] = ["a", "a"]
+    ids = conditioning.denoiser_inputs(batch)["added_cond_kwargs"]["time_ids"].tolist()
     # (original h, w, crop top, left, target h, w); a flipped picture's crop corner is mirrored.
     assert ids[0] == [180, 300, top, left, 96, 160]
     assert ids[1] == [180, 300, top, p.resized[0] - left - 160, 96, 160]

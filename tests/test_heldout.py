@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdlora.errors import UserError
-from sdlora.families import SDXL
+from sdlora.families import SDXL, Geometry
 from sdlora.heldout import (
     BEST_COLOR,
     TRAIN_COLOR,
@@ -35,6 +35,7 @@ from sdlora.heldout import (
     train_probe_indices,
     truncate_csv,
 )
+from sdlora.objectives import make_objective
 
 # --- the split -------------------------------------------------------------------------------------------
 
@@ -161,7 +162,8 @@ SHAPES = [(4, 8, 8), (4, 6, 10), (4, 8, 8)]  # two aspect-ratio buckets, interle
 
 
 def loss(unet, examples, scheduler, **kw):
-    return heldout_loss(unet, examples, TIMESTEPS, scheduler, seed=5, dtype=torch.float32, device="cpu", **kw)
+    objective = make_objective(scheduler, None, None, 0.0)
+    return heldout_loss(unet, examples, TIMESTEPS, objective, seed=5, dtype=torch.float32, device="cpu", **kw)
 
 
 def test_heldout_loss_is_identical_when_repeated_and_leaves_the_global_rng_alone(unet, scheduler):
@@ -242,9 +244,12 @@ def test_heldout_loss_batches_sdxl_style_nested_conditioning():
         projection_class_embeddings_input_dim=32 + 6 * 8,
     )
     g = torch.Generator().manual_seed(1)
-    batched = SDXL.unet_inputs(
+    geometry = [Geometry((64, 64), (0, 0), (64, 64)), Geometry((80, 48), (0, 0), (80, 48))]
+    batched = SDXL.denoiser_inputs(
         {"prompt_embeds": torch.randn(3, 77, 64, generator=g), "pooled": torch.randn(3, 32, generator=g)},
-        torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 80, 0, 0, 48, 80], [64, 64, 0, 8, 64, 64]]),
+        [*geometry, Geometry((64, 64), (8, 0), (64, 64))],
+        "cpu",
+        torch.float32,
     )
     per_example = split_inputs(batched)
     assert per_example[1]["added_cond_kwargs"]["time_ids"].tolist() == [48, 80, 0, 0, 48, 80]
@@ -256,11 +261,10 @@ def test_heldout_loss_batches_sdxl_style_nested_conditioning():
         ProbeExample(i, torch.randn(shape, generator=g), inputs)
         for i, (shape, inputs) in enumerate(zip(SHAPES, per_example))
     ]
-    got = heldout_loss(
-        xl_unet, examples, TIMESTEPS, DDPMScheduler(), seed=5, dtype=torch.float32, device="cpu"
-    )
+    objective = make_objective(DDPMScheduler(), None, None, 0.0)
+    got = heldout_loss(xl_unet, examples, TIMESTEPS, objective, seed=5, dtype=torch.float32, device="cpu")
     assert got == heldout_loss(
-        xl_unet, examples, TIMESTEPS, DDPMScheduler(), seed=5, dtype=torch.float32, device="cpu"
+        xl_unet, examples, TIMESTEPS, objective, seed=5, dtype=torch.float32, device="cpu"
     )
     assert all(math.isfinite(v) for v in got.values())
 

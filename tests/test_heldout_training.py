@@ -60,6 +60,9 @@ def test_early_stopping_keeps_the_best_step_and_ends_like_a_normal_run(stopped):
     assert 0 < best == len(losses) - 4 and all(v > losses[best] for v in losses[best + 1 :])
     last = int(table[-1]["step"])
     assert last < 60 and "early stopping after step" in result.stderr
+    # The epoch reached (of the last batch trained), not the epochs the 60 steps would have taken.
+    reached = max(e["epoch"] for e in stopped[2] if e["event"] == "batch") + 1
+    assert lora_header(out)["ss_epoch"] == str(reached) and reached < int(result.stderr.split("epochs = ")[1].split(",")[0])
     best_step = int(table[best]["step"])
     assert json.loads((out / "best" / "step.json").read_text()) == {
         "step": best_step,
@@ -122,3 +125,25 @@ def test_losses_go_to_tensorboard_and_a_separate_held_out_set_works(
     assert (out / "best" / "step.json").is_file()
     bad = train(tiny_model, tiny_dataset, out, "--early_stopping_patience", "2")
     assert bad.returncode == 2 and "needs a held-out set" in bad.stderr
+
+
+def test_random_crops_are_scored_at_a_fixed_crop(tmp_path, tiny_model, tiny_dataset):
+    """--random_crop with a held-out set: each image is scored at one seeded crop, so the same weights give
+    the same loss in every epoch (at learning rate 0 the weights never change)."""
+    out = tmp_path / "out"
+    flags = (
+        "--random_crop",
+        "--validation_split",
+        "2",
+        "--validation_loss_steps",
+        "3",
+        "--max_train_steps",
+        "6",
+    )
+    result = train(
+        tiny_model, tiny_dataset, out, *flags, "--learning_rate", "0", "--validation_loss_timesteps", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (first, second) = rows(out)  # steps 3 and 6: the first and second epoch (6 images at batch 2)
+    assert first["step"] == "3" and second["step"] == "6" and first["val_loss"] == second["val_loss"]
+    assert first["train_loss"] == second["train_loss"]

@@ -19,7 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlora.kohya import SDXL_LAYOUT, SgmLayout, kohya_module_name, module_from_kohya_name
+from sdlora.kohya import (
+    SD_NAMES,
+    SDXL_LAYOUT,
+    SDXL_NAMES,
+    SgmLayout,
+    kohya_module_name,
+    module_from_kohya_name,
+)
 from sdlora.lora_files import read_lora
 from sdlora.lora_weights import (
     LoraWeights,
@@ -167,7 +174,7 @@ def base_images(models_root) -> dict[str, np.ndarray]:
 def test_both_files_read_back_to_the_same_tensors_and_alphas(family, layers, variant, models_root, tmp_path):
     pipe = tiny_pipeline(family, models_root)[1]
     weights = make_weights(pipe, layers, variant, ss_output_name="mine")
-    assert weights.family == family
+    assert weights.family.name == family
     if layers == "all":  # the conv rank and alpha differ from the others', per module
         conv1 = "down_blocks.0.resnets.0.conv1"
         assert weights.rank("unet", conv1) == CONV_RANK and weights.alphas["unet"][conv1] == CONV_ALPHA
@@ -259,15 +266,15 @@ def test_sgm_names_map_back_to_the_same_module_for_any_layout(layout):
         "mid_block.attentions.0.proj_out",
         "mid_block.resnets.1.conv2",
     ]
-    names = {kohya_module_name("unet", m, sdxl=True, layout=layout) for m in modules}
+    names = {kohya_module_name("unet", m, SDXL_NAMES.with_layout(layout)) for m in modules}
     assert len(names) == len(modules)  # no two modules share a name
     for module in modules:
-        name = kohya_module_name("unet", module, sdxl=True, layout=layout)
+        name = kohya_module_name("unet", module, SDXL_NAMES.with_layout(layout))
         assert module_from_kohya_name(name, layout) == ("unet", module), name
     # an up level without attention puts its upsampler second in SGM (as in SD 1.x's output_blocks.2.1.conv)
-    assert kohya_module_name("unet", "up_blocks.0.upsamplers.0.conv", True, SgmLayout(1, frozenset({1}))) == (
-        "lora_unet_output_blocks_1_1_conv"
-    )
+    assert kohya_module_name(
+        "unet", "up_blocks.0.upsamplers.0.conv", SDXL_NAMES.with_layout(SgmLayout(1, frozenset({1})))
+    ) == ("lora_unet_output_blocks_1_1_conv")
 
 
 def test_lycoris_dora_scale_gives_the_weight_peft_merges(models_root):
@@ -277,9 +284,9 @@ def test_lycoris_dora_scale_gives_the_weight_peft_merges(models_root):
     pipe = tiny_pipeline("sd1", models_root)[1]
     models = adapted_models(pipe, "all", "dora")
     weights = weights_from_models(models)
-    state = to_kohya(weights.parts, weights.alphas, sdxl=False)
+    state = to_kohya(weights.parts, weights.alphas, SD_NAMES)
     for module in ("down_blocks.0.resnets.0.conv1", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"):
-        name = kohya_module_name("unet", module, sdxl=False)
+        name = kohya_module_name("unet", module, SD_NAMES)
         layer = models["unet"].get_submodule(module)
         base = layer.get_base_layer().weight.detach().clone()
         down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]

@@ -25,10 +25,10 @@ from sdlora.checkpoints import OPTIMIZER_FILE, list_checkpoints
 pytestmark = pytest.mark.slow
 
 # SDXL on two processes with every feature that meets them: gradient accumulation (the no_sync path),
-# checkpoints, validation images, the held-out loss and best/, the disk cache, buckets, both text encoders,
-# 8-bit Adam, and a kill then resume.
+# checkpoints, validation images, the held-out loss, best/ and early stopping, the disk cache, buckets, both
+# text encoders, 8-bit Adam, and a kill then resume.
 TWO = (
-    *("--gradient_accumulation_steps", "2", "--max_train_steps", "6", "--checkpointing_steps", "2"),
+    *("--gradient_accumulation_steps", "2", "--max_train_steps", "8", "--checkpointing_steps", "2"),
     *("--validation_steps", "3", "--validation_prompt", "a red circle", "--num_validation_images", "1"),
     *(
         "--validation_num_inference_steps",
@@ -38,7 +38,10 @@ TWO = (
         "--train_batch_size",
         "1",
     ),
-    *("--train_text_encoder", "--use_8bit_adam", "--validation_split", "2", "--validation_loss_steps", "3"),
+    *("--train_text_encoder", "--use_8bit_adam", "--validation_split", "2", "--validation_loss_steps", "2"),
+    # Early stopping on both processes together: no gain counts under this delta, so the evaluations at steps
+    # 4 and 6 are the 2 of the patience and every process stops after step 6 of 8.
+    *("--early_stopping_patience", "2", "--early_stopping_min_delta", "1e9"),
 )
 
 
@@ -81,6 +84,8 @@ def test_two_processes_share_the_data_and_cache_and_resume_exactly(tmp_path, tin
     setup = next(e for e in trace[0] if e["event"] == "setup")
     assert setup["optimizer"] == "AdamW8bit"
     assert (out / "validation" / "step-3").is_dir() and (out / "best" / "step.json").is_file()
+    assert "early stopping after step 6" in straight.stderr and lora_header(out)["ss_steps"] == "6"
+    assert [e["step"] for e in trace[1] if e["event"] == "batch"][-1] == 6  # the other process stopped too
 
     # SDXL's files: kohya's own SDXL names, both text encoders, the same image in StableDiffusionXLPipeline.
     meta = lora_header(out)

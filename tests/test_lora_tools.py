@@ -176,24 +176,51 @@ def test_resize_to_a_lower_rank_keeps_the_image_close_and_reports_the_norm_kept(
     assert lora.layers["unet"] == 79
 
 
-@pytest.mark.parametrize("method,param", [("sv_fro", 0.9), ("sv_cumulative", 0.8), ("sv_ratio", 2.0)])
-def test_dynamic_resize_keeps_what_the_method_asks(capsys, sd1, tmp_path, method, param):
+def smallest_rank(delta: np.ndarray, cap: int, method: str, param: float) -> int:
+    """The rank each dynamic method must choose, from numpy's singular values of the full delta: the
+    smallest that keeps `param` of the Frobenius norm (sv_fro) or of the values' sum (sv_cumulative), or
+    the count of values above the largest / param (sv_ratio); within 1..cap."""
+    s = np.linalg.svd(delta, compute_uv=False)
+    if method == "sv_ratio":
+        rank = int((s > s[0] / param).sum())
+    else:
+        kept = np.sqrt(np.cumsum(s**2) / (s**2).sum()) if method == "sv_fro" else np.cumsum(s) / s.sum()
+        rank = next(k for k in range(1, len(s) + 1) if kept[k - 1] >= param)
+    return max(1, min(rank, cap))
+
+
+@pytest.fixture(scope="module")
+def spread_lora(sd1, root) -> Path:
+    """A LoRA whose modules' spectra decay at rates from 0.1 to 0.9 per rank (up's columns scaled so), so
+    that each dynamic method keeps some modules whole and cuts others to one or two ranks."""
+    weights = make_weights(sd1[1], "all", "text_encoders", seed=3)
+    for i, (part, module) in enumerate((p, m) for p in weights.parts for m in weights.modules(p)):
+        up = weights.parts[part][module + ".lora_B.weight"]  # (out, r[, 1, 1])
+        decay = (0.1 + 0.2 * (i % 5)) ** torch.arange(up.shape[1], dtype=torch.float32)
+        weights.parts[part][module + ".lora_B.weight"] = (
+            up * decay.reshape(1, -1, *[1] * (up.ndim - 2))
+        ).contiguous()
+    return write_diffusers(weights, root / "spread" / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.parametrize("method,param", [("sv_fro", 0.99), ("sv_cumulative", 0.85), ("sv_ratio", 6.0)])
+def test_dynamic_resize_chooses_the_smallest_rank_that_meets_the_target(
+    capsys, spread_lora, tmp_path, method, param
+):
     args = ("--dynamic_method", method, "--dynamic_param", str(param), "--output", tmp_path)
-    code, out, _ = run_tool(capsys, "resize", sd1[2], *args)
-    assert code == 0
-    resized = read_lora(tmp_path)
-    original = read_lora(sd1[2])
+    assert run_tool(capsys, "resize", spread_lora, *args)[0] == 0
+    original, resized = read_lora(spread_lora), read_lora(tmp_path)
+    chosen, expected = {}, {}
     for part in original.parts:
         for module in original.modules(part):
-            s = torch.linalg.svdvals(original.delta(part, module).flatten(1).double())
-            k = resized.rank(part, module)
-            assert k <= original.rank(part, module)
-            if method == "sv_fro":
-                assert (s[:k] ** 2).sum().sqrt() / (s**2).sum().sqrt() >= param - 1e-6
-            elif method == "sv_cumulative":
-                assert s[:k].sum() / s.sum() >= param - 1e-6
-            else:
-                assert (s[:k] > s[0] / param - 1e-7).all()
+            up = original.up(part, module).flatten(1).double().numpy()  # (out, r)
+            down = original.down(part, module).flatten(1).double().numpy()  # (r, in * kh * kw)
+            delta = original.alphas[part][module] / down.shape[0] * up @ down
+            cap = original.rank(part, module)
+            expected[part, module] = smallest_rank(delta, cap, method, param)
+            chosen[part, module] = resized.rank(part, module)
+    assert chosen == expected
+    assert set(expected.values()) >= {1, 4}, sorted(expected.values())  # the targets do discriminate
 
 
 def test_resize_of_a_dora_to_full_rank_gives_the_original_image(capsys, sd1, tmp_path):
@@ -268,38 +295,34 @@ def test_merge_of_two_loras_is_their_weighted_sum_and_svd_to_a_rank_keeps_it_clo
     )
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_fuse_gives_the_image_of_the_lora_loaded_at_the_same_scale(capsys, family, sd1, sdxl, tmp_path):
-    from diffusers import DiffusionPipeline
+@pytest.fixture(scope="module")
+def sd1_v(sd1, root):
+    """The SD 1.x LoRA as if trained with --prediction_type v_prediction on the epsilon base (its header
+    says "v", as the trainer writes it)."""
+    weights = read_lora(sd1[2])
+    weights.metadata["modelspec.prediction_type"] = "v"
+    folder = root / "sd1-v-lora"
+    write_diffusers(weights, folder / "pytorch_lora_weights.safetensors")
+    return sd1[0], sd1[1], folder
 
-    model, pipe, folder = {"sd1": sd1, "sdxl": sdxl}[family]
-    code, _, err = run_tool(
-        capsys,
-        "fuse",
-        "--base_model",
-        model,
-        "--lora",
-        folder,
-        "--scale",
-        "0.7",
-        "--output",
-        tmp_path / "fused",
-    )
+
+@pytest.mark.parametrize("family", ["sd1-v", "sdxl"])
+def test_fuse_gives_the_images_of_the_lora_loaded_by_load_pipeline(capsys, family, sd1_v, sdxl, tmp_path):
+    """The fused model samples as load_pipeline samples base + LoRA: same weights at the scale, and the
+    LoRA's prediction type (a v-prediction LoRA on an epsilon base is sampled as v-prediction)."""
+    from sdlora.generation import load_pipeline
+
+    model, pipe, folder = {"sd1-v": sd1_v, "sdxl": sdxl}[family]
+    argv = ("fuse", "--base_model", model, "--lora", folder, "--scale", "0.7", "--output", tmp_path / "fused")
+    code, _, err = run_tool(capsys, *argv)
     assert code == 0, err
-    fused = DiffusionPipeline.from_pretrained(tmp_path / "fused")
-    fused.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(folder), adapter_name="test")
-    try:
-        loaded = image(pipe, cross_attention_kwargs={"scale": 0.7})
-    finally:
-        pipe.delete_adapters("test")
+    fused, _ = load_pipeline(str(tmp_path / "fused"))
+    ours, _ = load_pipeline(str(model), folder)
+    loaded = image(ours, cross_attention_kwargs={"scale": 0.7})
     assert np.abs(image(fused) - loaded).max() < 1e-4
     assert np.abs(image(pipe) - loaded).max() > 1e-2  # (the LoRA does change it)
-    if family == "sd1":
-        from sdlora.generation import load_pipeline
-
-        ours, _ = load_pipeline(str(tmp_path / "fused"))
-        assert ours.unet.config == fused.unet.config
+    expected = "v_prediction" if family == "sd1-v" else "epsilon"
+    assert fused.scheduler.config.prediction_type == ours.scheduler.config.prediction_type == expected
 
 
 @pytest.fixture

@@ -1,32 +1,101 @@
-"""What differs between the Stable Diffusion families (SD 1.x, SD 2.x, SDXL), one object per family.
+"""A Stable Diffusion family: everything that differs between SD 1.x, SD 2.x and SDXL, asked of one object.
 
-The trainer, validation, inference and the LoRA writers ask the family for what differs: the pipeline
-class, the text encoders and how prompts become UNet conditioning, SDXL's size/crop conditioning, and
-the names other tools use for the base model (kohya's `ss_base_model_version`, the SAI model spec).
-The one other place that knows a family is sdlora/kohya.py, whose key names follow SDXL's SGM block
-layout (and te1/te2) for SDXL files.
+The trainer, the caches, validation, inference, the LoRA writers and the tools ask the family: how to load
+its parts and which is the denoiser (a UNet here; SD 3.5's transformer next), how prompts become the
+denoiser's conditioning and which text tensors to cache, whether its VAE is safe in fp16, its native size
+and size multiple, which layers each LoRA layer set adapts, how kohya/A1111 name its LoRA modules, the
+names other tools use for it (kohya's `ss_base_model_version`, the SAI model spec), its pipeline class,
+and how to recognise it from a model folder or a LoRA file (sdlora.families.detect_* ask each family in turn).
+
+`Family` is SD 1.x; the other families override what differs (sdlora/families/sd2.py, sdxl.py).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from typing import NamedTuple
 
 import torch
 
-from .errors import UserError
+from ..kohya import SD_NAMES, KohyaNames, SgmLayout
+from ..modelfiles import read_model_config
+
+# The UNet's attention projections: what the diffusers example trains.
+ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+# kohya's LoRA: every Linear and 1x1 conv inside the transformer blocks (Transformer2DModel).
+IN_TRANSFORMER = re.compile(r"\.attentions\.\d+\.")
+# kohya's LoCon adds the ResNet blocks and the down/up-samplers.
+IN_RESNET = re.compile(r"\.resnets\.\d+\.|\.(down|up)samplers\.\d+\.conv$")
+TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_MLP = ["fc1", "fc2"]
 
 
-@dataclass(frozen=True)
+class Geometry(NamedTuple):
+    """An example's picture geometry, for families conditioned on it (SDXL): sizes as (width, height)."""
+
+    original: tuple[int, int]  # the upright image's size
+    crop: tuple[int, int]  # (left, top) of the crop in the resized (and possibly flipped) picture
+    target: tuple[int, int]  # the bucket the denoiser sees
+
+
+def is_layer(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+
+
+def is_spatial_conv(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def unet_layer_set(unet: torch.nn.Module, layers: str) -> list[str]:
+    """Full names of a UNet's layers in a layer set: attn, attn_ff or all (see sdlora.config.train)."""
+    names = []
+    for name, module in unet.named_modules():
+        if not is_layer(module):
+            continue
+        if layers == "attn":
+            chosen = bool(ATTENTION.search(name))
+        else:
+            chosen = bool(IN_TRANSFORMER.search(name)) and not is_spatial_conv(module)
+            chosen |= layers == "all" and bool(IN_RESNET.search(name))
+        if chosen:
+            names.append(name)
+    return names
+
+
+def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """Token ids padded to the tokenizer's maximum length; longer captions are truncated."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
 class Family:
-    """SD 1.x and 2.x: one CLIP text encoder whose last hidden states condition the UNet."""
+    """SD 1.x: one CLIP text encoder whose last hidden states condition a UNet; epsilon, 512 px."""
 
-    name: str  # "sd1", "sd2", "sdxl"
-    title: str  # for messages: "SD 1.x"
-    pipeline_class_name: str
+    name = "sd1"
+    title = "SD 1.x"
+    pipeline_class_name = "StableDiffusionPipeline"
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline component names
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)  # transformers classes, in the same order
     tokenizers: tuple[str, ...] = ("tokenizer",)
+    denoiser = "unet"  # the pipeline component LoRA trains (and the LoRA files' part name)
+    text_outputs: tuple[str, ...] = (
+        "prompt_embeds",
+    )  # what encode_prompts returns: the text cache's tensors
+    vae_fp16_safe = True  # SDXL's own VAE overflows in fp16
+    kohya_names: KohyaNames = SD_NAMES
+    # How LoRA files name the family (kohya's ss_base_model_version, the model spec), and the cross-attention
+    # width of its real models (the UNet's attn2.to_k input), which tells a file's family from its shapes.
+    version_prefix, architecture_prefix, cross_attention_dim = "sd_v1", "stable-diffusion-v1", 768
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # --- loading --------------------------------------------------------------------------------------
 
     @property
     def pipeline_class(self):
@@ -39,146 +108,100 @@ class Family:
         """Extra arguments the pipeline class takes when built without its optional parts."""
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    @property
-    def uses_time_ids(self) -> bool:
-        """Whether the UNet is conditioned on image size and crop (SDXL's micro-conditioning)."""
-        return False
+    def load_denoiser(self, model: str, **kwargs) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
 
-    def base_model_version(self, prediction_type: str) -> str:
-        """kohya's `ss_base_model_version`, which A1111 uses to list a LoRA under the right models."""
-        if self.name == "sd2":
-            return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
-        return "sd_v1"
+        return UNet2DConditionModel.from_pretrained(model, subfolder=self.denoiser, **kwargs)
 
-    def modelspec_architecture(self, prediction_type: str) -> str:
-        """The SAI model spec's `modelspec.architecture` of a LoRA for this family."""
-        if self.name == "sd2":
-            return (
-                "stable-diffusion-v2-768-v/lora"
-                if prediction_type == "v_prediction"
-                else "stable-diffusion-v2-512/lora"
-            )
-        return "stable-diffusion-v1/lora"
+    def load_text_encoders(self, model: str, **kwargs) -> list[torch.nn.Module]:
+        import transformers
+
+        return [
+            getattr(transformers, cls).from_pretrained(model, subfolder=sub, **kwargs)
+            for sub, cls in zip(self.text_encoders, self.text_encoder_classes)
+        ]
+
+    def native_resolution(self, model: str, revision: str | None = None) -> int:
+        """The resolution the base model was trained at: the UNet's sample size times the VAE's factor."""
+        unet = read_model_config(model, f"{self.denoiser}/config.json", revision)
+        return int(unet["sample_size"]) * self.vae_factor(model, revision)
+
+    def size_multiple(self, model: str, revision: str | None = None) -> int:
+        """The pixel multiple at which the UNet's downsampling comes out even: VAE factor x 2^(levels-1)."""
+        unet = read_model_config(model, f"{self.denoiser}/config.json", revision)
+        return self.vae_factor(model, revision) * 2 ** (len(unet["down_block_types"]) - 1)
+
+    @staticmethod
+    def vae_factor(model: str, revision: str | None = None) -> int:
+        vae = read_model_config(model, "vae/config.json", revision)
+        return 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+    # --- conditioning ---------------------------------------------------------------------------------
 
     def encode_prompts(
         self, tokenizers, text_encoders, prompts: list[str], device
     ) -> dict[str, torch.Tensor]:
         """{"prompt_embeds": (B, 77, D)}; captions past the tokenizer's 77 tokens are truncated."""
-        ids = _token_ids(tokenizers[0], prompts, device)
+        ids = token_ids(tokenizers[0], prompts, device)
         return {"prompt_embeds": text_encoders[0](ids, return_dict=False)[0]}
 
-    def unet_inputs(self, text: dict[str, torch.Tensor], time_ids: torch.Tensor | None) -> dict:
-        """Keyword arguments of the UNet's forward for this conditioning."""
+    def denoiser_inputs(
+        self, text: dict[str, torch.Tensor], geometry: list[Geometry] | None, device, dtype
+    ) -> dict:
+        """Keyword arguments of the denoiser's forward for this text conditioning (and picture geometry)."""
         return {"encoder_hidden_states": text["prompt_embeds"]}
 
+    def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents at `timesteps`."""
+        return model(noisy, timesteps, **inputs, return_dict=False)[0]
 
-@dataclass(frozen=True)
-class XLFamily(Family):
-    """SDXL: two text encoders whose penultimate hidden states are concatenated, the second encoder's
-    pooled output, and the image's original size, crop corner and target size as extra conditioning."""
+    # --- LoRA -----------------------------------------------------------------------------------------
 
-    text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
-    tokenizers: tuple[str, ...] = ("tokenizer", "tokenizer_2")
+    def lora_targets(self, denoiser: torch.nn.Module, layers: str) -> list[str]:
+        """The denoiser layers a layer set adapts (attn, attn_ff, all)."""
+        return unet_layer_set(denoiser, layers)
 
-    @property
-    def pipeline_kwargs(self) -> dict:
-        return {"add_watermarker": False}  # (invisible-watermark is not a dependency)
+    def text_lora_targets(self, layers: str) -> list[str]:
+        """The text encoder layers (name suffixes) a layer set adapts."""
+        return TEXT_ATTENTION + (TEXT_MLP if layers != "attn" else [])
 
-    @property
-    def uses_time_ids(self) -> bool:
-        return True
+    def sgm_layout(self, denoiser_config) -> SgmLayout | None:
+        """The UNet block layout kohya's names follow (SDXL's SGM numbering), or None (diffusers paths)."""
+        return None
+
+    # --- names other tools use ------------------------------------------------------------------------
 
     def base_model_version(self, prediction_type: str) -> str:
-        return "sdxl_base_v1-0"
+        """kohya's `ss_base_model_version`, which A1111 uses to list a LoRA under the right models."""
+        return "sd_v1"
 
     def modelspec_architecture(self, prediction_type: str) -> str:
-        return "stable-diffusion-xl-v1-base/lora"
+        """The SAI model spec's `modelspec.architecture` of a LoRA for this family."""
+        return "stable-diffusion-v1/lora"
 
-    def encode_prompts(
-        self, tokenizers, text_encoders, prompts: list[str], device
-    ) -> dict[str, torch.Tensor]:
-        """{"prompt_embeds": (B, 77, D1 + D2), "pooled": (B, P)}, as StableDiffusionXLPipeline does."""
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(tokenizers, text_encoders):
-            out = encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True, return_dict=True)
-            hidden.append(out.hidden_states[-2])  # penultimate layer, as SDXL was trained
-            pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]  # the last encoder's
-        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled": pooled}
+    def kohya_metadata(self, prediction_type: str) -> dict[str, str]:
+        """The header keys that name the base model, as kohya's trainers write them."""
+        return {
+            "ss_base_model_version": self.base_model_version(prediction_type),
+            "ss_v2": "False",
+            "modelspec.architecture": self.modelspec_architecture(prediction_type),
+        }
 
-    def unet_inputs(self, text: dict[str, torch.Tensor], time_ids: torch.Tensor | None) -> dict:
-        added = {"text_embeds": text["pooled"], "time_ids": time_ids}
-        return {"encoder_hidden_states": text["prompt_embeds"], "added_cond_kwargs": added}
+    # --- recognising it -------------------------------------------------------------------------------
 
+    def matches_model(self, index: dict, denoiser_config: dict) -> bool:
+        """Whether a diffusers folder (its model_index.json and denoiser config) is of this family."""
+        return True  # SD 1.x: what no other family claims
 
-SD1 = Family("sd1", "SD 1.x", "StableDiffusionPipeline")
-SD2 = Family("sd2", "SD 2.x", "StableDiffusionPipeline")
-SDXL = XLFamily("sdxl", "SDXL", "StableDiffusionXLPipeline")
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
+    def matches_header(self, header: dict[str, str]) -> bool:
+        """Whether a LoRA header's kohya or model-spec names say this family."""
+        return header.get("ss_base_model_version", "").startswith(self.version_prefix) or header.get(
+            "modelspec.architecture", ""
+        ).startswith(self.architecture_prefix)
 
-
-def time_ids(
-    original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]
-) -> tuple[int, int, int, int, int, int]:
-    """SDXL's add_time_ids: (original height, width, crop top, left, target height, width) from
-    (width, height) sizes and a (left, top) crop corner."""
-    return (original[1], original[0], crop[1], crop[0], target[1], target[0])
+    def matches_kohya_keys(self, keys) -> bool:
+        """Whether a kohya file's key names are ones only this family's files have."""
+        return False
 
 
-def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids.to(device)
-
-
-def read_model_config(model: str, filename: str, revision: str | None = None) -> dict:
-    """A config file of a local diffusers folder or a Hub model (e.g. "unet/config.json")."""
-    local = Path(model) / filename
-    if local.is_file():
-        return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(model, filename, revision=revision)).read_text())
-    except Exception as e:  # offline, unknown id, private repo: all end the same way for the user
-        raise UserError(
-            f"{model}: cannot read {filename} ({type(e).__name__}); check the model id or path"
-        ) from None
-
-
-def family_of_unet_config(config) -> Family:
-    """The family a UNet belongs to: SDXL (text_time added conditioning), SD 2.x (linear transformer
-    projections or 1024-wide cross-attention, as OpenCLIP's text encoder gives), else SD 1.x."""
-    if config.get("addition_embed_type") == "text_time":  # (a UNet's config is a dict)
-        return SDXL
-    if config.get("use_linear_projection") or config.get("cross_attention_dim") == 1024:
-        return SD2
-    return SD1
-
-
-def detect_family(model: str, revision: str | None = None) -> Family:
-    """The family of a diffusers model folder or Hub id: SDXL from its pipeline class, else from its UNet."""
-    index = read_model_config(model, "model_index.json", revision)
-    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
-        return SDXL
-    return family_of_unet_config(read_model_config(model, "unet/config.json", revision))
-
-
-def main() -> None:
-    """`python -m sdlora.families MODEL` prints the model's family (sd1, sd2 or sdxl): for the launcher."""
-    import argparse
-
-    from .errors import run_cli
-    from .models import resolve_model
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("model", help="Hub id or local diffusers folder")
-    args = parser.parse_args()
-    run_cli(lambda: print(detect_family(resolve_model(args.model)).name))
-
-
-if __name__ == "__main__":
-    main()
+SD1 = Family()
