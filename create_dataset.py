@@ -1,10 +1,19 @@
-"""Turn images/ + image_captions.json into a Hugging Face dataset (image + text columns).
+"""Turn images/ + image_captions.json into a Hugging Face dataset (image + text columns, + mask).
 
     python create_dataset.py                      # -> datasets/Text2Image_example
     python create_dataset.py --images_dir photos --captions_file photos/metadata.jsonl --dataset_name mine
+    python create_dataset.py --images_dir photos --masks_dir masks --dataset_name masked
 
 Captions come from --captions_file (image_captions.json, or a metadata.jsonl); if it does not exist,
-from metadata.jsonl in --images_dir, else from kohya-style .txt files beside the images.
+from metadata.jsonl in --images_dir, else from kohya-style .txt files beside the images. An image may
+have several captions (a JSON list of strings, or one per line of its .txt file): then `text` is a list
+column and the trainer draws one caption per example and epoch.
+--masks_dir DIR   a grayscale mask per image (same file name stem, anywhere under DIR; white = learn),
+                  stored in a `mask` column: train with --masked_loss --mask_column mask.
+--keep_alpha      store images with transparency as RGBA instead of compositing them on --background:
+                  train with --masked_loss --alpha_mask (the trainer composites them on its own
+                  --background when it decodes them).
+
 With --push_to_hub the Hub is checked (online, token, dataset id) before any image is read, and a
 failed upload keeps the dataset on disk and prints the command that pushes it later.
 """
@@ -21,7 +30,7 @@ from sdlora.fileio import check_writable
 from sdlora.images import parse_color
 
 if TYPE_CHECKING:
-    from sdlora.dataset_builder import CheckedExample
+    from sdlora.dataset_writer import CheckedExample
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip_invalid", action="store_true", help="build from the valid pairs, skipping listed problems"
     )
     p.add_argument("--background", default="white", help="colour that transparent images are composited on")
+    p.add_argument(
+        "--masks_dir",
+        "--mask_dir",
+        default=None,
+        help="folder of grayscale masks named like the images (white = learn), written as a `mask` column",
+    )
+    p.add_argument(
+        "--keep_alpha",
+        action="store_true",
+        help="store images with transparency as RGBA (for the trainer's --alpha_mask), not composited on --background",
+    )
     p.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
@@ -99,7 +119,7 @@ def push_without_saving(
     background: tuple[int, int, int],
 ) -> str:
     """Write the dataset to a temporary folder beside output and push it; if the push fails, keep it on disk."""
-    from sdlora.dataset_builder import write_dataset
+    from sdlora.dataset_writer import write_dataset
     from sdlora.hub import push_dataset_or_explain
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +130,8 @@ def push_without_saving(
 
 
 def main(args: argparse.Namespace) -> None:
-    from sdlora.dataset_builder import check_examples, collect_captions, pair_examples, write_dataset
+    from sdlora.dataset_builder import check_examples, collect_captions, pair_examples, pair_masks
+    from sdlora.dataset_writer import write_dataset
     from sdlora.hub import check_hub_ready, push_dataset_or_explain
 
     output = Path(args.output_dir) / args.dataset_name
@@ -130,9 +151,12 @@ def main(args: argparse.Namespace) -> None:
     images_dir = Path(args.images_dir)
     captions, source = collect_captions(images_dir, Path(args.captions_file) if args.captions_file else None)
     examples, problems = pair_examples(images_dir, captions, source)
+    if args.masks_dir:
+        examples, mask_problems = pair_masks(examples, Path(args.masks_dir), images_dir)
+        problems += mask_problems
     tokenizer, resolution = load_tokenizer_and_resolution(args)
     checked, summary = check_examples(
-        examples, args.skip_invalid, background, tokenizer, resolution, problems
+        examples, args.skip_invalid, background, tokenizer, resolution, problems, args.keep_alpha
     )
     print(f"captions from {source}")
     for line in summary.lines(resolution):

@@ -19,40 +19,36 @@ from pathlib import Path
 
 import torch
 
-from sdlora.buckets import kohya_bucket_info
 from sdlora.cache import build_caches, text_hash
 from sdlora.checkpoints import find_earlier_run
 from sdlora.config import TrainConfig, parse_train_config
-from sdlora.data import DatasetSource, collate, resolve_schedule
+from sdlora.data import collate, resolve_schedule
 from sdlora.errors import run_cli
 from sdlora.faults import trace
-from sdlora.metadata import RunInfo, lora_metadata
-from sdlora.objectives import make_objective
+from sdlora.metadata import lora_metadata
+from sdlora.objectives import make_objective, training_scheduler
 from sdlora.timing import Stopwatch
 from sdlora.training.accelerator import (
     allow_fast_fp32_math,
-    check_8bit_adam,
     check_xformers,
     make_accelerator,
 )
 from sdlora.training.finish import save_outputs
+from sdlora.training.optimization import check_optimizer, optimizer_kind
 from sdlora.training.periodic import Periodic
 from sdlora.training.run import find_checkpoint, make_run, restore, start_tracker
 from sdlora.training.settings import args_json, derive_settings, resolved_config, resume_settings
 from sdlora.training.setup import (
-    augmentation,
     cache_blockers,
     cache_root,
-    caption_controls,
     check_output_folders,
-    load_images,
     load_model,
     make_probes,
     plan_batches,
     preprocessing,
-    split_heldout,
 )
 from sdlora.training.step import train_step
+from sdlora.training.subjects import load_data, run_info
 from sdlora.validation import Validator, validation_prompts
 
 logger = logging.getLogger("train")
@@ -75,8 +71,7 @@ def start(cfg: TrainConfig):
         output_dir / cfg.outputs.logging_dir,
         unused_parameters=cfg.adapter.train_text_encoder,
     )
-    if cfg.optimization.use_8bit_adam:
-        check_8bit_adam()
+    check_optimizer(optimizer_kind(cfg.optimization, cfg.optimizer))
     if cfg.speed.enable_xformers_memory_efficient_attention:
         check_xformers()
     if cfg.speed.allow_tf32:
@@ -141,30 +136,18 @@ def train(cfg: TrainConfig, accelerator, run, images, validate, clock) -> None:
         periodic.close()
 
 
-def load_data(cfg: TrainConfig, settings, tokenizer):
-    """The training images in their buckets, and the held-out split (a separate held-out set loaded too)."""
-    augment, controls = augmentation(cfg.data, cfg.optimization.seed), caption_controls(cfg.captions)
-    dataset, images = load_images(DatasetSource.training(cfg.data), augment, controls, settings, tokenizer)
-    source = DatasetSource.separate_heldout(cfg.heldout, cfg.data)
-    separate = load_images(source, augment, controls, settings, tokenizer)[1] if source else None
-    return dataset, images, split_heldout(cfg.heldout, cfg.optimization.seed, images, separate)
-
-
-def run_info(images, train: list[int]) -> RunInfo:
-    """What the LoRA files' metadata says of the training images: count, buckets, tag frequencies."""
-    placements, captions = [images.placements[i] for i in train], [images.raw_captions[i] for i in train]
-    return RunInfo(len(train), kohya_bucket_info(placements), images.controls.tag_frequency(captions))
-
-
 def trace_setup(rank: int, base, run) -> None:
     """Tests only (SDLORA_TRACE_DIR): what the run was set up with, as the modules themselves say."""
+    conv = next(
+        p for p in base.denoiser.parameters() if p.dim() == 4
+    )  # a UNet's conv_in, SD3's patch embedding
     trace(
         rank,
         "setup",
-        frozen_dtype=str(base.denoiser.conv_in.weight.dtype),
+        frozen_dtype=str(conv.dtype),
         gradient_checkpointing=base.denoiser.is_gradient_checkpointing,
         text_encoder_gradient_checkpointing=[checkpointing(e) for e in base.text_encoders],
-        channels_last=base.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
+        channels_last=conv.is_contiguous(memory_format=torch.channels_last),
         lora_dtype=str(run.params[0].dtype),
         optimizer=type(getattr(run.optimizer, "optimizer", run.optimizer)).__name__,
         param_groups=[{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups],
@@ -188,19 +171,20 @@ def main(cfg: TrainConfig) -> None:
     with clock.phase("load"):
         base = load_model(cfg.model, cfg.speed, cfg.adapter.train_text_encoder, accelerator.device, dtype)
         settings = derive_settings(cfg, base, accelerator, hub_model_id)
-        dataset, images, split = load_data(cfg, settings, base.tokenizer)
+        dataset, images, split = load_data(cfg, settings, base, accelerator, cfg.optimization.seed)
     plan = plan_batches(cfg.optimization, images, split.train)
     settings = dataclasses.replace(settings, schedule=resolve_schedule(cfg.optimization, plan, world))
     captions = text_hash([str(c) for c in images.raw_captions])
     resolved = resolved_config(cfg, settings)
-    compat = resume_settings(resolved, dataset._fingerprint, len(dataset), captions, world)
+    compat = resume_settings(resolved, dataset._fingerprint, len(dataset), captions, world, images.layout())
     checkpoint, differing = find_checkpoint(ckpt, output_dir, compat, settings.schedule.max_train_steps)
+    scheduler = training_scheduler(base.noise_scheduler, cfg.noise.zero_terminal_snr)
     objective = make_objective(
-        base.noise_scheduler, settings.prediction_type, cfg.objective.snr_gamma, cfg.objective.noise_offset
+        scheduler, settings.prediction_type, cfg.objective, cfg.loss, cfg.timesteps, cfg.noise, cfg.flow
     )
     with clock.phase("cache"):
-        blockers = cache_blockers(cfg.buckets.random_crop, cfg.adapter.train_text_encoder, images.controls)
-        keys = dataset._fingerprint, preprocessing(images.augment, settings.buckets)
+        blockers = cache_blockers(cfg.buckets.random_crop, cfg.adapter.train_text_encoder, images)
+        keys = dataset._fingerprint, preprocessing(images, settings.buckets)
         caches = build_caches(
             cfg.cache, cache_root(cfg.outputs, cfg.cache), base, images, *keys, blockers, accelerator, dtype
         )
@@ -208,19 +192,9 @@ def main(cfg: TrainConfig) -> None:
     info = run_info(images, split.train)
     describe = lambda step, epoch: lora_metadata(cfg, settings, info, step, epoch)  # noqa: E731
     steps = plan.steps(rank, world, settings.schedule.max_train_steps)
+    sections = cfg.optimization, cfg.optimizer, cfg.ema, cfg.speed
     run = make_run(
-        cfg.optimization,
-        cfg.speed,
-        accelerator,
-        base,
-        settings,
-        images,
-        caches,
-        objective,
-        describe,
-        compat,
-        steps,
-        dtype,
+        *sections, accelerator, base, settings, images, caches, objective, describe, compat, steps, dtype
     )
     state = restore(run, checkpoint, differing, accelerator, cfg.optimization)
     run.probes = make_probes(
@@ -245,6 +219,7 @@ def main(cfg: TrainConfig) -> None:
             config={k: v for k, v in args_json(resolved).items() if isinstance(v, int | float | str | bool)},
         )
     log_banner(cfg, accelerator, settings, len(plan.indices), run.first_step)
+    sampling = settings.prediction_type, cfg.noise.zero_terminal_snr
     validator = Validator(
         cfg.validation,
         prompts,
@@ -253,7 +228,7 @@ def main(cfg: TrainConfig) -> None:
         accelerator,
         base,
         dtype,
-        settings.prediction_type,
+        *sampling,
         cfg.model.revision,
     )
     train(cfg, accelerator, run, images, validator, clock)

@@ -163,7 +163,7 @@ def run_one(cfg: dict) -> dict:
     from sdlora.cache import LatentCache, TensorStore, TextCache, encode_texts
     from sdlora.config.train import OptimizationConfig
     from sdlora.lora import add_lora, lora_parameters
-    from sdlora.objectives import make_objective
+    from sdlora.objectives import DiffusionObjective
     from sdlora.training.accelerator import allow_fast_fp32_math
     from sdlora.training.conditioning import Conditioning
     from sdlora.training.optimization import make_optimizer
@@ -188,7 +188,7 @@ def run_one(cfg: dict) -> dict:
         base.unet.to(memory_format=torch.channels_last)
     opt = OptimizationConfig(learning_rate=1e-4, use_8bit_adam=cfg["adam8bit"])
     optimizer = make_optimizer([{"params": lora_parameters(base.unet), "lr": 1e-4}], opt, device)
-    objective = make_objective(base.noise_scheduler, None, None, 0.0)
+    objective = DiffusionObjective(base.noise_scheduler, base.noise_scheduler.config.prediction_type)
     b, (w, h) = cfg["batch"], size_of(cfg["resolution"])
     # Each image as a 4:3 photo placed in its bucket (or cropped square): what SDXL's time ids are made of.
     images = SimpleNamespace(placements=[Placement((4 * h // 3, h), (4 * h // 3, h), (w, h), (0, 0))] * b)

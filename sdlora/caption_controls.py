@@ -41,9 +41,11 @@ class CaptionControls:
         parts = [p for p in (self.prefix.strip(), text.strip(), self.suffix.strip()) if p]
         return " ".join(parts)
 
-    def caption(self, raw, seed: int, epoch: int, index: int) -> str:
-        """The caption example `index` trains with in `epoch`."""
-        rng = np.random.default_rng([seed, epoch, index, _STREAM])
+    def caption(self, raw, seed: int, epoch: int, index: int, copy: int = 0) -> str:
+        """The caption example `index` trains with in `epoch` (its `copy`-th repeat in the epoch)."""
+        rng = np.random.default_rng(
+            [seed, epoch, index, _STREAM, copy] if copy else [seed, epoch, index, _STREAM]
+        )
         text = pick(raw, rng)
         if self.dropout_rate and rng.random() < self.dropout_rate:
             return ""  # unconditional: keeps classifier-free guidance working

@@ -5,6 +5,10 @@
 - `metadata.jsonl` (Hugging Face imagefolder): one `{"file_name": ..., "text": ...}` object per line,
   paths relative to the file's folder.
 - kohya-style `.txt` files beside each image, holding its caption.
+
+Each reader returns one caption per image; its `read_caption_lists_*` twin (create_dataset.py's) also
+reads several per image: a JSON list of strings as the value or caption field, or a `.txt` file's
+non-empty lines. The trainer draws one of them per example and epoch (caption_controls.pick).
 """
 
 from __future__ import annotations
@@ -53,9 +57,17 @@ def _resolve(key: str, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def read_captions_json(path: str | Path) -> dict[Path, str]:
-    """Read image_captions.json into {image path: caption}; relative keys resolve from its folder."""
-    path = Path(path)
+def _caption_list(value: object, where: str, remedy: str) -> list[str]:
+    """A caption field as a list of captions: a string is one; a list must hold only strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise UserError(f"{where} is not a string or a list of strings; {remedy}")
+
+
+def _captions_object(path: Path) -> dict:
+    """The one JSON object of an image_captions.json, keys as written."""
     text = _read_text(path, "captions file")
     try:
         data = json.loads(text, object_pairs_hook=_reject_duplicates(path))
@@ -65,12 +77,28 @@ def read_captions_json(path: str | Path) -> dict[Path, str]:
         ) from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected one JSON object mapping image path to caption")
+    return data
+
+
+def read_captions_json(path: str | Path) -> dict[Path, str]:
+    """Read image_captions.json into {image path: caption}; relative keys resolve from its folder."""
+    path = Path(path)
     captions = {}
-    for key, value in data.items():
+    for key, value in _captions_object(path).items():
         if not isinstance(value, str):
             raise UserError(f'{path}: the caption of {key!r} is not a string; write it as "..."')
         captions[_resolve(key, path.parent)] = value
     return captions
+
+
+def read_caption_lists_json(path: str | Path) -> dict[Path, list[str]]:
+    """Read image_captions.json into {image path: [captions]}: a value is a caption or a list of them."""
+    path = Path(path)
+    remedy = 'write it as "..." or ["...", "..."]'
+    return {
+        _resolve(key, path.parent): _caption_list(value, f"{path}: the caption of {key!r}", remedy)
+        for key, value in _captions_object(path).items()
+    }
 
 
 def metadata_rows(path: str | Path):
@@ -92,21 +120,40 @@ def metadata_rows(path: str | Path):
         yield lineno, row
 
 
+def _metadata_captions(path: Path, caption_column: str):
+    """(line number, image path, caption field or None) of every line; an image listed twice is an error."""
+    seen: set[Path] = set()
+    for lineno, row in metadata_rows(path):
+        image = _resolve(row["file_name"], path.parent)
+        if image in seen:
+            raise UserError(
+                f"{path}: {row['file_name']!r} is listed twice (line {lineno}); keep one caption per image"
+            )
+        seen.add(image)
+        yield lineno, image, row.get(caption_column)
+
+
 def read_metadata_jsonl(path: str | Path, caption_column: str = "text") -> dict[Path, str]:
     """Read an imagefolder metadata.jsonl into {image path: caption}."""
     path = Path(path)
     captions: dict[Path, str] = {}
-    for lineno, row in metadata_rows(path):
-        caption = row.get(caption_column)
+    for lineno, image, caption in _metadata_captions(path, caption_column):
         if caption is not None and not isinstance(caption, str):
             raise UserError(f"{path}: line {lineno}: {caption_column!r} is not a string")
-        image = _resolve(row["file_name"], path.parent)
-        if image in captions:
-            raise UserError(
-                f"{path}: {row['file_name']!r} is listed twice (line {lineno}); keep one caption per image"
-            )
         captions[image] = caption if caption is not None else ""
     return captions
+
+
+def read_caption_lists_jsonl(path: str | Path, caption_column: str = "text") -> dict[Path, list[str]]:
+    """Read an imagefolder metadata.jsonl into {image path: [captions]}: a caption or a list of them."""
+    path = Path(path)
+    remedy = 'write it as "..." or ["...", "..."]'
+    return {
+        image: _caption_list(
+            "" if caption is None else caption, f"{path}: line {lineno}: {caption_column!r}", remedy
+        )
+        for lineno, image, caption in _metadata_captions(path, caption_column)
+    }
 
 
 def read_txt_captions(images_dir: str | Path) -> dict[Path, str]:
@@ -117,6 +164,15 @@ def read_txt_captions(images_dir: str | Path) -> dict[Path, str]:
         if txt.is_file():
             captions[image] = _read_text(txt, "caption file")
     return captions
+
+
+def read_caption_lists_txt(images_dir: str | Path) -> dict[Path, list[str]]:
+    """Read kohya-style captions into {image: [captions]}: each non-empty line of its .txt file is one
+    (several: the trainer draws one per example and epoch); an empty file gives an empty list."""
+    return {
+        image: [line.strip() for line in text.splitlines() if line.strip()]
+        for image, text in read_txt_captions(images_dir).items()
+    }
 
 
 def _relative_key(image: Path, base: Path) -> str:

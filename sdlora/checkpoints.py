@@ -20,7 +20,15 @@ import torch
 from .errors import UserError
 from .faults import maybe_kill
 from .fileio import atomic_directory
-from .layout import LORA_WEIGHT_NAME, OPTIMIZER_FILE, STALE_TMP_RE, STATE_FILE, EarlierRun, list_checkpoints
+from .layout import (
+    LORA_WEIGHT_NAME,
+    OPTIMIZER_FILE,
+    RAW_WEIGHT_NAME,
+    STALE_TMP_RE,
+    STATE_FILE,
+    EarlierRun,
+    list_checkpoints,
+)
 from .lora import load_lora_into_models
 
 logger = logging.getLogger(__name__)
@@ -130,7 +138,8 @@ def save_checkpoint(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 **state,
             }
-            (tmp / STATE_FILE).write_text(json.dumps(full, indent=2))
+            # (Adafactor's own schedule reports its rates as tensors: they go in as numbers)
+            (tmp / STATE_FILE).write_text(json.dumps(full, indent=2, default=_number))
     except (
         OSError,
         SafetensorError,
@@ -140,6 +149,12 @@ def save_checkpoint(
             "Nothing was deleted."
         ) from None
     return final
+
+
+def _number(value):
+    if torch.is_tensor(value):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} in a checkpoint's state")
 
 
 def read_state(path: Path) -> dict:
@@ -154,7 +169,8 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, l
 
     state = read_state(path)
     try:
-        load_lora_into_models(models, path / LORA_WEIGHT_NAME)
+        raw = path / RAW_WEIGHT_NAME  # the weights as trained, where the LoRA files hold an EMA
+        load_lora_into_models(models, raw if raw.is_file() else path / LORA_WEIGHT_NAME)
         with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
             meta = json.loads(f.metadata()["meta"])
         optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / OPTIMIZER_FILE)), meta))

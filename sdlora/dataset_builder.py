@@ -1,18 +1,20 @@
-"""Images + captions -> a Hugging Face `datasets.Dataset` with `image` and `text` columns."""
+"""Images + captions (+ masks) -> a Hugging Face `datasets.Dataset` with `image`, `text` (and `mask`) columns.
+
+`text` is a string column, or a list of strings for every row when any image has several captions (the
+trainer draws one per example and epoch). `mask` (with masks) holds 8-bit grayscale PNGs at the image's
+size, white = learn. An image with transparency is stored as RGBA when asked (`keep_alpha`), else composited
+on the background colour.
+"""
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import io
-import json
-import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .captions import read_captions_json, read_metadata_jsonl, read_txt_captions
+from .captions import read_caption_lists_json, read_caption_lists_jsonl, read_caption_lists_txt
+from .dataset_writer import WHITE, CheckedExample, _load_mask, _stat, write_dataset
 from .errors import UserError
-from .fileio import atomic_directory
 from .images import (
     ImageReport,
     InvalidImageError,
@@ -23,19 +25,13 @@ from .images import (
 )
 
 CLIP_MAX_TOKENS = 77
-WHITE = (255, 255, 255)
-# Arrow files of at most about 500 MB, as `save_to_disk` writes them (datasets' MAX_SHARD_SIZE).
-SHARD_BYTES = 500 * 2**20
-# Rows held in memory before they are written: a few dozen photos, whatever the dataset's size.
-BATCH_BYTES = 16 * 2**20
-# What a full or read-only disk raises while the dataset is written.
-_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass
 class Example:
     image_path: Path
-    caption: str
+    captions: tuple[str, ...]  # one or more, stripped and non-empty
+    mask_path: Path | None = None  # with --masks_dir
 
 
 @dataclass
@@ -46,7 +42,30 @@ class Summary:
     smaller_than_resolution: int = 0
     long_captions: list[str] = field(default_factory=list)
     skipped: int = 0
+    several_captions: int = 0  # images with more than one caption
+    masks: int = 0
+    alpha_kept: int = 0  # images stored as RGBA with their transparency (--keep_alpha)
     report: ImageReport = field(default_factory=ImageReport)
+
+    def add(
+        self, example: Example, loaded: LoadedImage, alpha: bool, tokenizer, resolution: int | None
+    ) -> None:
+        """Count one checked example: its size, captions (each one's tokens), mask and conversions."""
+        w, h = loaded.image.size
+        self.count += 1
+        self.min_size = min(self.min_size or (w, h), (w, h), key=lambda s: s[0] * s[1])
+        self.max_size = max(self.max_size or (w, h), (w, h), key=lambda s: s[0] * s[1])
+        if resolution and min(w, h) < resolution:
+            self.smaller_than_resolution += 1
+        if tokenizer is not None:
+            self.long_captions += [
+                c for c in example.captions if len(tokenizer(c).input_ids) > CLIP_MAX_TOKENS
+            ]
+        self.several_captions += len(example.captions) > 1
+        self.masks += example.mask_path is not None
+        self.alpha_kept += alpha
+        # A kept alpha channel is not "composited on the background colour": counted above instead.
+        self.report.counts.update(n for n in loaded.notes if not (alpha and n == "transparency"))
 
     def lines(self, resolution: int | None) -> list[str]:
         out = [f"{self.count} images, sizes from {_fmt(self.min_size)} to {_fmt(self.max_size)}"]
@@ -59,6 +78,14 @@ class Summary:
                 f"{len(self.long_captions)} captions longer than {CLIP_MAX_TOKENS} tokens (the trainer truncates them), "
                 f"e.g. {self.long_captions[0][:80]!r}"
             )
+        if self.several_captions:
+            out.append(
+                f"{self.several_captions} images with several captions (the trainer draws one per example and epoch)"
+            )
+        if self.masks:
+            out.append(f"{self.masks} masks (white = learn)")
+        if self.alpha_kept:
+            out.append(f"{self.alpha_kept} images with transparency kept as RGBA (--keep_alpha)")
         if self.report.counts:
             out.append(self.report.summary())
         if self.skipped:
@@ -70,15 +97,16 @@ def _fmt(size: tuple[int, int] | None) -> str:
     return f"{size[0]}x{size[1]}" if size else "-"
 
 
-def collect_captions(images_dir: Path, captions_file: Path | None) -> tuple[dict[Path, str], str]:
-    """Find the captions: the JSON (or .jsonl) file if it exists, else metadata.jsonl, else .txt files."""
+def collect_captions(images_dir: Path, captions_file: Path | None) -> tuple[dict[Path, list[str]], str]:
+    """Find the captions (one or several per image): the JSON (or .jsonl) file if it exists, else
+    metadata.jsonl, else .txt files."""
     if captions_file is not None and captions_file.exists():
         if captions_file.suffix == ".jsonl":
-            return read_metadata_jsonl(captions_file), str(captions_file)
-        return read_captions_json(captions_file), str(captions_file)
+            return read_caption_lists_jsonl(captions_file), str(captions_file)
+        return read_caption_lists_json(captions_file), str(captions_file)
     if (images_dir / "metadata.jsonl").is_file():
-        return read_metadata_jsonl(images_dir / "metadata.jsonl"), str(images_dir / "metadata.jsonl")
-    captions = read_txt_captions(images_dir)
+        return read_caption_lists_jsonl(images_dir / "metadata.jsonl"), str(images_dir / "metadata.jsonl")
+    captions = read_caption_lists_txt(images_dir)
     if captions:
         return captions, f".txt files in {images_dir}"
     where = f"{captions_file}" if captions_file else "no --captions_file"
@@ -96,15 +124,16 @@ def _match_absolute(path: Path, images_dir: Path) -> Path:
 
 
 def pair_examples(
-    images_dir: Path, captions: dict[Path, str], source: str
+    images_dir: Path, captions: Mapping[Path, str | list[str]], source: str
 ) -> tuple[list[Example], list[str]]:
-    """Pair every image with its caption; return the pairs and one line per problem found."""
+    """Pair every image with its caption (or captions); return the pairs and one line per problem found."""
     images_dir = images_dir.resolve()
     images = {p.resolve() for p in find_images(images_dir)}
     problems, examples, captioned = [], [], set()
-    for raw_path, caption in captions.items():
+    for raw_path, entry in captions.items():
         path = _match_absolute(Path(raw_path), images_dir).resolve()
         captioned.add(path)
+        texts = [c.strip() for c in ([entry] if isinstance(entry, str) else entry)]
         if not path.is_relative_to(images_dir):
             problems.append(
                 f"{source}: {raw_path} is outside {images_dir}; move the image into --images_dir or fix the path"
@@ -113,24 +142,52 @@ def pair_examples(
             problems.append(
                 f"{source}: caption for {raw_path}, which does not exist; add the image or remove the entry"
             )
-        elif not caption.strip():
+        elif not any(texts):
             problems.append(f"{source}: empty caption for {path}; write one or remove the entry")
+        elif not all(texts):
+            n = texts.index("") + 1
+            problems.append(
+                f"{source}: caption {n} of {len(texts)} for {path} is empty; write it or remove it from the list"
+            )
         else:
-            examples.append(Example(path, caption.strip()))
+            examples.append(Example(path, tuple(texts)))
     for image in sorted(images - captioned):
         problems.append(f"{image}: no caption in {source}; add one or move the image out of --images_dir")
     examples.sort(key=lambda e: str(e.image_path))
     return examples, problems
 
 
-@dataclass
-class CheckedExample:
-    """An image-caption pair whose image decoded, and how the writer is to store that image."""
-
-    image_path: Path
-    caption: str
-    keep_bytes: bool  # the file itself is 8-bit RGB needing no conversion: store it as it is
-    stat: tuple[int, int]  # (size, mtime_ns) when checked, to notice a file changed before it is written
+def pair_masks(examples: list[Example], masks_dir: Path, images_dir: Path) -> tuple[list[Example], list[str]]:
+    """Give each example the mask named like its image (same file stem, anywhere under masks_dir), as the
+    trainer's --mask_dir matches them; return the examples that have one and a line per problem: an image
+    without a mask, a mask without an image, two masks of one name."""
+    if not masks_dir.is_dir():
+        raise UserError(f"{masks_dir}: not a folder; pass --masks_dir with the folder that holds the masks")
+    masks, problems = {}, []
+    for mask in find_images(masks_dir):
+        if mask.stem in masks:
+            problems.append(
+                f"{mask}: a second mask for images named {mask.stem!r} (the first is {masks[mask.stem]}); keep one"
+            )
+        else:
+            masks[mask.stem] = mask
+    paired = []
+    for example in examples:
+        mask = masks.get(example.image_path.stem)
+        if mask is None:
+            problems.append(
+                f"{example.image_path}: no mask named like it in {masks_dir}; add one (white = learn) "
+                "or move the image out of --images_dir"
+            )
+        else:
+            paired.append(replace(example, mask_path=mask))
+    image_names = {p.stem for p in find_images(images_dir)}
+    problems += [
+        f"{mask}: a mask without an image of its name in {images_dir}; remove it or add the image"
+        for stem, mask in masks.items()
+        if stem not in image_names
+    ]
+    return paired, problems
 
 
 def _keeps_original_bytes(path: Path, loaded: LoadedImage) -> bool:
@@ -142,9 +199,18 @@ def _keeps_original_bytes(path: Path, loaded: LoadedImage) -> bool:
     )
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+def _mask_problem(example: Example, size: tuple[int, int] | None) -> str | None:
+    """Why the example's mask cannot be used (unreadable, or not `size`: its image's upright size), or None."""
+    try:
+        mask_size = _load_mask(example).size
+    except InvalidImageError as e:
+        return str(e)
+    if size is not None and mask_size != size:
+        return (
+            f"{example.mask_path}: {_fmt(mask_size)}, but its image {example.image_path} is {_fmt(size)} "
+            "(upright); make the mask the image's size"
+        )
+    return None
 
 
 def check_examples(
@@ -154,8 +220,10 @@ def check_examples(
     tokenizer=None,
     resolution: int | None = None,
     known_problems: list[str] | None = None,
+    keep_alpha: bool = False,
 ) -> tuple[list[CheckedExample], Summary]:
-    """Decode every image and list all problems together; stop unless skip_invalid. Holds no pixels."""
+    """Decode every image (and mask) and list all problems together; stop unless skip_invalid. Holds no
+    pixels. With keep_alpha an image with transparency is to be stored as RGBA, not composited."""
     problems = list(known_problems or [])
     summary = Summary()
     checked = []
@@ -163,19 +231,28 @@ def check_examples(
         try:
             loaded = load_image(example.image_path, background=background)
         except InvalidImageError as e:
+            loaded = None
             problems.append(str(e))
+        # A mask is checked even when its image is not: every problem is listed in one run.
+        size = loaded.image.size if loaded else None
+        mask_problem = _mask_problem(example, size) if example.mask_path else None
+        if mask_problem:
+            problems.append(mask_problem)
+        if loaded is None or mask_problem:
             continue
-        w, h = loaded.image.size
-        summary.count += 1
-        summary.report.add(loaded)
-        summary.min_size = min(summary.min_size or (w, h), (w, h), key=lambda s: s[0] * s[1])
-        summary.max_size = max(summary.max_size or (w, h), (w, h), key=lambda s: s[0] * s[1])
-        if resolution and min(w, h) < resolution:
-            summary.smaller_than_resolution += 1
-        if tokenizer is not None and len(tokenizer(example.caption).input_ids) > CLIP_MAX_TOKENS:
-            summary.long_captions.append(example.caption)
-        keep = _keeps_original_bytes(example.image_path, loaded)
-        checked.append(CheckedExample(example.image_path, example.caption, keep, _stat(example.image_path)))
+        alpha = keep_alpha and "transparency" in loaded.notes
+        summary.add(example, loaded, alpha, tokenizer, resolution)
+        checked.append(
+            CheckedExample(
+                example.image_path,
+                example.captions,
+                _keeps_original_bytes(example.image_path, loaded),
+                _stat(example.image_path),
+                alpha,
+                example.mask_path,
+                _stat(example.mask_path) if example.mask_path else None,
+            )
+        )
     report_problems(
         problems,
         "problems listed above; fix them, or pass --skip_invalid to build from the rest",
@@ -187,129 +264,6 @@ def check_examples(
     return checked, summary
 
 
-def _image_bytes(example: CheckedExample, background: tuple[int, int, int]) -> bytes:
-    """The original file when it is plain RGB, else a lossless PNG of the normalised RGB image."""
-    if _stat(example.image_path) != example.stat:
-        raise UserError(
-            f"{example.image_path}: changed while the dataset was being built; run create_dataset.py again"
-        )
-    if example.keep_bytes:
-        return example.image_path.read_bytes()
-    # Decoded a second time rather than kept from the check, so memory does not grow with the image count.
-    buffer = io.BytesIO()
-    load_image(example.image_path, background=background).image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def dataset_features():
-    """The columns every dataset we write has, and the trainer reads: `image` and `text`."""
-    import datasets
-
-    return datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-
-
-class _ShardWriter:
-    """Rows into Arrow files of at most SHARD_BYTES, written BATCH_BYTES at a time; memory holds one batch."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.paths: list[Path] = []
-        self.writer = None
-        self.batch: dict[str, list] = {"image": [], "text": []}
-        self.batch_bytes = self.shard_bytes = 0
-        # A content hash, as `Dataset.from_dict` fingerprinted the table: the trainer keys its caches
-        # and resume checks on the fingerprint, so a rebuilt dataset with other pictures must not match.
-        self.digest = hashlib.blake2b(digest_size=8)
-
-    def add(self, image: bytes, name: str, caption: str) -> None:
-        if self.writer is None or self.shard_bytes >= SHARD_BYTES:
-            self._finish_shard()
-            from datasets.arrow_writer import ArrowWriter
-
-            self.paths.append(self.folder / f"data-{len(self.paths):05d}.arrow")
-            self.writer = ArrowWriter(features=dataset_features(), path=str(self.paths[-1]))
-            self.shard_bytes = 0
-        for part in (caption.encode(), image, name.encode()):
-            self.digest.update(len(part).to_bytes(8, "little") + part)
-        self.batch["image"].append({"bytes": image, "path": name})
-        self.batch["text"].append(caption)
-        self.batch_bytes += len(image)
-        self.shard_bytes += len(image)
-        if self.batch_bytes >= BATCH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.batch["text"]:
-            self.writer.write_batch(self.batch)
-        self.batch, self.batch_bytes = {"image": [], "text": []}, 0
-
-    def _finish_shard(self) -> None:
-        if self.writer is not None:
-            self._flush()
-            self.writer.finalize()
-
-    def close(self) -> tuple[list[str], str]:
-        """Finish the last shard; return the shard file names and the content fingerprint."""
-        self._finish_shard()
-        # The count is known only now: rename to the data-XXXXX-of-NNNNN.arrow names save_to_disk uses.
-        names = [f"data-{i:05d}-of-{len(self.paths):05d}.arrow" for i in range(len(self.paths))]
-        for path, name in zip(self.paths, names):
-            os.replace(path, self.folder / name)
-        return names, self.digest.hexdigest()
-
-
-def write_dataset(
-    checked: list[CheckedExample],
-    output: Path,
-    overwrite: bool = False,
-    background: tuple[int, int, int] = WHITE,
-) -> None:
-    """Write the checked examples to output as a `datasets.load_from_disk` folder, streamed and atomic.
-
-    Not `Dataset.from_dict(...).save_to_disk()`: that held every image in memory (0.75 MB more per
-    photo, measured), and `save_to_disk` of a dataset built on disk (`Dataset.from_generator`) copies it
-    through a memory map whose pages count as the process's own (+450 MB from 1,000 to 4,000 photos). The files are those `save_to_disk`
-    writes: Arrow shards, `state.json` and `dataset_info.json`.
-    """
-    try:
-        with atomic_directory(output, overwrite=overwrite) as tmp:
-            _write_files(checked, tmp, background)
-    except OSError as e:
-        if e.errno not in _DISK_ERRORS:  # (an image that could not be read is not the output's fault)
-            raise
-        # atomic_directory has removed the half-written folder; a dataset already there was not touched.
-        hint = "free some space or " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise UserError(
-            f"{output}: could not be written ({e.strerror}); {hint}pass another --output_dir. Nothing was changed."
-        ) from None
-
-
-def _write_files(checked: list[CheckedExample], folder: Path, background: tuple[int, int, int]) -> None:
-    """The dataset's files in folder (Arrow shards, state.json, dataset_info.json), then read back."""
-    import datasets
-
-    shards = _ShardWriter(folder)
-    for example in checked:
-        shards.add(_image_bytes(example, background), example.image_path.name, example.caption)
-    names, fingerprint = shards.close()
-    state = {
-        "_data_files": [{"filename": name} for name in names],
-        "_fingerprint": fingerprint,
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": None,
-    }
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-    datasets.DatasetInfo(features=dataset_features()).write_to_directory(str(folder))
-    # Read back (memory-mapped: cheap), so a change of format in `datasets` fails here, not in training.
-    written = datasets.load_from_disk(str(folder))
-    if len(written) != len(checked) or written.features != dataset_features():
-        raise RuntimeError(f"{folder}: the dataset read back does not match what was written")
-    del written  # close its memory maps before the folder is renamed
-
-
 def build_dataset(
     examples: list[Example],
     output: Path,
@@ -319,10 +273,11 @@ def build_dataset(
     tokenizer=None,
     resolution: int | None = None,
     known_problems: list[str] | None = None,
+    keep_alpha: bool = False,
 ) -> Summary:
     """Check every image, then write the dataset to output: `check_examples` then `write_dataset`."""
     checked, summary = check_examples(
-        examples, skip_invalid, background, tokenizer, resolution, known_problems
+        examples, skip_invalid, background, tokenizer, resolution, known_problems, keep_alpha
     )
     write_dataset(checked, output, overwrite, background)
     return summary

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prompts",
         nargs="+",
         required=True,
-        help="one or more prompts, or files with one prompt per line",
+        help="one or more prompts, or prompts files (one per line, JSON or TOML); kohya's per-prompt options --n --w --h --d --l --s",
     )
     p.add_argument("--negative_prompt", default=None, help="negative prompt for every prompt (default: none)")
     p.add_argument("--num_images", type=int, default=4, help="images per prompt (default: 4)")

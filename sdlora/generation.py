@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .captions import read_validation_prompts
 from .devices import pick_device
 from .errors import UserError
+from .families import family_of_pipeline
 from .lora_files import LoadedLora, find_lora_file, load_lora, read_lora_file
 from .models import resolve_model
+from .prompts import Prompt, is_prompt_file, parse_line, read_prompt_file
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
@@ -38,7 +38,7 @@ def generate(
 ) -> list[Image.Image]:
     """Images for one prompt; image i uses seed + i on a CPU generator, so results match across devices."""
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-    kwargs = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale is not None else {}
+    kwargs = family_of_pipeline(pipe).lora_scale_kwargs(lora_scale) if lora_scale is not None else {}
     with torch.no_grad():
         return pipe(
             prompt,
@@ -86,16 +86,18 @@ def save_images(images: list[Image.Image], folder: Path, stem: str = "image") ->
 GENERATIONS_LOG = "generations.jsonl"
 
 
-def read_prompts(prompts: str | Path | list[str]) -> list[str]:
-    """Prompts from strings and/or prompts files (one prompt per line; a .txt name must be a file)."""
-    items = [prompts] if isinstance(prompts, (str, Path)) else list(prompts)
-    found: list[str] = []
+def read_prompts(prompts: str | Path | list) -> list[Prompt]:
+    """Prompts from strings and/or prompts files (one prompt per line, JSON or TOML; a .txt, .json or .toml
+    name must be a file), each with its own settings where it gives them (kohya's --n --w --h --d --l --s)."""
+    items = [prompts] if isinstance(prompts, (str, Path, Prompt)) else list(prompts)
+    found: list[Prompt] = []
     for item in items:
-        text = str(item)
-        if os.path.isfile(text) or text.endswith(".txt"):  # isfile: False, not an error, for long prompts
-            found.extend(read_validation_prompts(text))
-        elif text.strip():
-            found.append(text.strip())
+        if isinstance(item, Prompt):
+            found.append(item)
+        elif is_prompt_file(str(item)):
+            found.extend(read_prompt_file(str(item)))
+        elif str(item).strip():
+            found.append(parse_line(str(item)))
     if not found:
         raise UserError("no prompts given; pass one or more prompts or a prompts file")
     return found
@@ -117,9 +119,18 @@ def check_generation_settings(
             )
 
 
-def inference_scheduler(model: str, prediction_type: str | None = None, revision: str | None = None):
+def inference_scheduler(
+    model: str,
+    prediction_type: str | None = None,
+    revision: str | None = None,
+    zero_terminal_snr: bool = False,
+):
     """The model's own inference scheduler (class from model_index.json), sampling `prediction_type`
-    when given: a v-prediction LoRA on an epsilon model must be sampled as v-prediction."""
+    when given: a v-prediction LoRA on an epsilon model must be sampled as v-prediction. A LoRA trained with
+    zero terminal SNR samples with the same rescaled betas and trailing timesteps (Lin et al. 2023,
+    arXiv 2305.08891, section 3.3), with DDIM where the model's scheduler has no such option (PNDM)."""
+    import inspect
+
     import diffusers
 
     from .modelfiles import read_model_config
@@ -127,9 +138,15 @@ def inference_scheduler(model: str, prediction_type: str | None = None, revision
     _, class_name = read_model_config(model, "model_index.json", revision)["scheduler"]
     scheduler_class = getattr(diffusers, class_name)
     scheduler = scheduler_class.from_pretrained(model, subfolder="scheduler", revision=revision)
-    if prediction_type and scheduler.config.get("prediction_type") != prediction_type:
-        scheduler = scheduler_class.from_config(scheduler.config, prediction_type=prediction_type)
-    return scheduler
+    changes = {}
+    # (a flow-matching scheduler, SD 3.5's, has no prediction type: its model predicts a velocity)
+    if prediction_type and scheduler.config.get("prediction_type", prediction_type) != prediction_type:
+        changes["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        if "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters:
+            scheduler_class = diffusers.DDIMScheduler
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return scheduler_class.from_config(scheduler.config, **changes) if changes else scheduler
 
 
 def lora_prediction_type(path: Path) -> str | None:
@@ -137,6 +154,13 @@ def lora_prediction_type(path: Path) -> str | None:
     from .lora_files import read_header
 
     return {"epsilon": "epsilon", "v": "v_prediction"}.get(read_header(path).get("modelspec.prediction_type"))
+
+
+def lora_zero_terminal_snr(path: Path) -> bool:
+    """Whether a LoRA was trained with zero terminal SNR (kohya's ss_zero_terminal_snr header key)."""
+    from .lora_files import read_header
+
+    return read_header(path).get("ss_zero_terminal_snr") == "True"
 
 
 def load_pipeline(
@@ -174,8 +198,13 @@ def load_pipeline(
             f"{model}: cannot load the model ({str(e).splitlines()[0]}); check the id or path"
         ) from None
     lora = load_lora(pipe, lora_file.path, lora_file) if lora_file else None
-    if lora_file and (prediction_type := lora_prediction_type(lora_file.path)):
-        pipe.scheduler = inference_scheduler(model, prediction_type, revision)
+    if lora_file:
+        prediction_type, zero_snr = (
+            lora_prediction_type(lora_file.path),
+            lora_zero_terminal_snr(lora_file.path),
+        )
+        if prediction_type or zero_snr:
+            pipe.scheduler = inference_scheduler(model, prediction_type, revision, zero_snr)
     pipe.set_progress_bar_config(disable=True)
     if (
         pipe.dtype != dtype
@@ -225,30 +254,30 @@ def generate_and_save(
         "width": width,
     }
     results = []
-    for prompt in prompts:
+    for prompt in read_prompts(prompts):  # strings too; a prompt's own settings override these
+        own = {**settings, "seed": seed, **prompt.settings()}
         images = generate(
             pipe,
-            prompt,
+            prompt.text,
             num_images=num_images,
-            seed=seed,
             lora_scale=lora_scale if lora else None,
-            **settings,
+            **own,
         )
-        paths = save_images(images, output_dir / slugify(prompt))
+        paths = save_images(images, output_dir / slugify(prompt.text))
         record = {
-            "prompt": prompt,
+            "prompt": prompt.text,
             "files": [p.relative_to(output_dir).as_posix() for p in paths],
-            "seeds": [seed + i for i in range(num_images)],
+            "seeds": [own["seed"] + i for i in range(num_images)],
             "base_model": pipe.name_or_path,
             "lora": str(lora.path) if lora else None,
             "lora_format": lora.format if lora else None,
             "lora_scale": lora_scale if lora else None,
-            **settings,
+            **{k: v for k, v in own.items() if k != "seed"},
             "size": list(images[0].size),
             "device": str(pipe.device),
             "dtype": str(pipe.dtype).removeprefix("torch."),
         }
         with open(output_dir / GENERATIONS_LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        results.append(Generated(prompt, images, paths))
+        results.append(Generated(prompt.text, images, paths))
     return results

@@ -96,13 +96,26 @@ class KohyaNames:
 
     prefixes: tuple[tuple[str, str], ...]  # (part, prefix) pairs
     sgm: SgmLayout | None = None
+    # Where kohya's denoiser is another implementation than diffusers' (SD 3.5: Stability's MMDiT, with fused
+    # qkv; sdlora/kohya_sd3.py): an object whose to_kohya(parts, alphas) and from_kohya(parts, alphas) turn
+    # peft-named parts into that model's modules and back. None: the same modules under kohya's names.
+    modules: object | None = None
 
     def prefix(self, part: str) -> str:
         return dict(self.prefixes)[part]
 
+    @property
+    def diffusers_reads(self) -> bool:
+        """Whether diffusers' load_lora_weights reads these names itself (not SD 3.5's: no SD3 converter)."""
+        return self.modules is None
+
+    def from_kohya_parts(self, parts: dict, alphas: dict) -> tuple[dict, dict]:
+        """Parts as from_kohya read them, in the diffusers modules of this family's denoiser."""
+        return self.modules.from_kohya(parts, alphas) if self.modules is not None else (parts, alphas)
+
     def with_layout(self, layout: SgmLayout | None) -> KohyaNames:
         """The same names for a UNet of another block layout (SGM names only)."""
-        return KohyaNames(self.prefixes, layout or self.sgm) if self.sgm is not None else self
+        return KohyaNames(self.prefixes, layout or self.sgm, self.modules) if self.sgm is not None else self
 
 
 SD_NAMES = KohyaNames((("unet", "lora_unet_"), ("text_encoder", "lora_te_"), ("text_encoder_2", "lora_te2_")))
@@ -132,7 +145,7 @@ def _dotted(underscored: str) -> str:
     return ".".join(out)
 
 
-def _to_sgm(module: str, layout: SgmLayout) -> str:
+def sgm_path(module: str, layout: SgmLayout) -> str:
     """diffusers UNet module path -> SGM path (SDXL's kohya names)."""
     if module in _SGM_TOP:
         return _SGM_TOP[module]
@@ -162,7 +175,7 @@ def _to_sgm(module: str, layout: SgmLayout) -> str:
 
 
 def _from_sgm(module: str, layout: SgmLayout) -> str:
-    """SGM path -> diffusers UNet module path; the inverse of _to_sgm."""
+    """SGM path -> diffusers UNet module path; the inverse of sgm_path."""
     if module in _DIFFUSERS_TOP:
         return _DIFFUSERS_TOP[module]
     span = layout.layers_per_block + 1
@@ -189,7 +202,7 @@ def _from_sgm(module: str, layout: SgmLayout) -> str:
 def kohya_module_name(part: str, module: str, names: KohyaNames = SD_NAMES) -> str:
     """`lora_unet_...` / `lora_te_...` name of a module (a diffusers/transformers path) of a model part."""
     if part == "unet" and names.sgm is not None:
-        module = _to_sgm(module, names.sgm)
+        module = sgm_path(module, names.sgm)
     return names.prefix(part) + module.replace(".", "_")
 
 
@@ -221,6 +234,8 @@ def to_kohya(
     peft keeps DoRA's magnitude as (out,) for a Linear and (1, out, 1, 1) for a conv; LyCORIS (with
     wd_on_out, the per-output-row norm peft also uses) as (out, 1) and (out, 1, 1, 1).
     """
+    if names.modules is not None:
+        parts, alphas = names.modules.to_kohya(parts, alphas)
     out: dict[str, torch.Tensor] = {}
     for part, tensors in parts.items():
         for module, alpha in alphas[part].items():

@@ -17,6 +17,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The same weights under kohya's key names, which AUTOMATIC1111 and ComfyUI load as they are. diffusers'
 # load_lora_weights(folder) still picks LORA_WEIGHT_NAME when both are in a folder.
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+# With an EMA (or schedule-free AdamW) the two files above hold the EMA (averaged) weights; the weights as
+# trained, which a resume continues from, go beside them under this name (diffusers format).
+RAW_WEIGHT_NAME = "pytorch_lora_weights_raw.safetensors"
+EMA_FILE = "ema.safetensors"  # a checkpoint's EMA state
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STALE_TMP_RE = re.compile(r"^\.checkpoint-\d+\..*\.tmp$")
 STATE_FILE = "training_state.json"
@@ -26,7 +30,16 @@ CSV_FILE, CURVE_FILE = "validation_loss.csv", "validation_loss.png"
 VALIDATION_DIR = "validation"
 CONFIG_FILE, ARGS_FILE, CARD_FILE = "config.toml", "args.json", "README.md"
 # Files a run writes at the top of its folder (the cache is keyed by its content and is kept).
-RUN_FILES = (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CSV_FILE, CURVE_FILE, CONFIG_FILE, ARGS_FILE, CARD_FILE)
+RUN_FILES = (
+    LORA_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    RAW_WEIGHT_NAME,
+    CSV_FILE,
+    CURVE_FILE,
+    CONFIG_FILE,
+    ARGS_FILE,
+    CARD_FILE,
+)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .families import family_of_denoiser
+from .families import family_of_pipeline
 from .kohya import SgmLayout
 from .layout import LORA_WEIGHT_NAME, list_checkpoints
-from .lora_weights import ADAPTER_METADATA_KEY, LoraWeights, weights_from_file
+from .lora_weights import ADAPTER_METADATA_KEY, DENOISERS, LoraWeights, weights_from_file
+from .lycoris import load_into_pipeline, network_of
 
 OLD_LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"  # what the original toolkit wrote
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -36,7 +37,9 @@ ADAPTER_NAME = "lora"
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _ATTN_PROCS_KEY = re.compile(r"\.processor\.|_lora\.(down|up)\.")
-_DIFFUSERS_KEY = re.compile(r"\.lora(_linear_layer)?\.(down|up)\.|\.lora_[AB]\.|\.lora_magnitude_vector")
+_DIFFUSERS_KEY = re.compile(
+    r"\.lora(_linear_layer)?\.(down|up)\.|\.lora_[AB]\.|\.lora_magnitude_vector|\.(hada|lokr)_[wt]"
+)  # (hada_*, lokr_*: our LoHa/LoKr files, sdlora/lycoris.py)
 _FORMAT_NAMES = {
     "diffusers": "diffusers format",
     "kohya": "kohya/A1111 format",
@@ -62,10 +65,16 @@ class LoadedLora:
     path: Path
     format: str
     layers: dict[str, int] = field(default_factory=dict)
+    kind: str = "LoRA"  # or LoHa, LoKr
 
     def describe(self) -> str:
         parts = ", ".join(f"{n} layers in the {part.replace('_', ' ')}" for part, n in self.layers.items())
-        return f"LoRA {self.path} ({_FORMAT_NAMES[self.format]}: {parts})"
+        fmt = (
+            "peft-named format"
+            if self.kind != "LoRA" and self.format == "diffusers"
+            else _FORMAT_NAMES[self.format]
+        )
+        return f"{self.kind} {self.path} ({fmt}: {parts})"
 
 
 def find_lora_file(path: str | Path) -> Path:
@@ -147,7 +156,7 @@ def read_lora_file(path: str | Path) -> LoraFile:
         raise UserError(
             f"{path}: not a LoRA file: none of its {len(keys)} tensor names is a LoRA layer's (e.g. {keys[0]!r})"
         )
-    strays = [k for k in keys if "lora" not in k and not k.endswith(".alpha")]
+    strays = [k for k in keys if "lora" not in k and not k.endswith(".alpha") and not network_of([k])]
     if strays:
         raise UserError(f"{path}: not a plain LoRA file: it also holds other weights (e.g. {strays[0]!r})")
     if fmt == "attn-procs":
@@ -158,12 +167,16 @@ def read_lora_file(path: str | Path) -> LoraFile:
 
 def _misfit(model: torch.nn.Module, part: str, module: str, weights) -> str | None:
     """Why this LoRA layer cannot go onto the model, or None if it fits."""
-    path = module if part == "unet" or hasattr(model, "text_model") else module.removeprefix("text_model.")
+    path = module if part in DENOISERS or hasattr(model, "text_model") else module.removeprefix("text_model.")
     try:
         weight = model.get_submodule(path).weight  # (out, in, *kernel)
     except AttributeError:
         return f"layer {module!r} is not in this model"
     delta = weights.delta(part, module)  # (out, in, *kernel) as the LoRA would add it
+    if (
+        delta.ndim < weight.ndim and delta.shape[1] == weight[0].numel()
+    ):  # (LoHa/LoKr convs: (out, in * kh * kw))
+        delta = delta.reshape(weight.shape)
     if delta.shape[1:] != weight.shape[1:]:
         return f"layer {module!r} takes {tuple(weight.shape[1:])} inputs, the LoRA's {tuple(delta.shape[1:])}"
     if delta.shape[0] != weight.shape[0]:
@@ -233,15 +246,20 @@ def load_lora(pipe, path: str | Path, lora: LoraFile | None = None) -> LoadedLor
 
     lora = lora or read_lora_file(find_lora_file(path))
     weights = weights_of(lora)
-    check_family(weights, family_of_denoiser(pipe.unet.config), str(lora.path), pipe.name_or_path)
+    family = family_of_pipeline(pipe)
+    check_family(weights, family, str(lora.path), pipe.name_or_path)
     layers = check_fits(weights, pipe, str(lora.path))
+    if weights.network != "lora":  # LoHa/LoKr: peft's layers, put on by us (diffusers loads LoRA only)
+        load_into_pipeline(pipe, weights.parts, weights.alphas, ADAPTER_NAME)
+        return LoadedLora(lora.path, lora.format, layers, weights.adapter_type())
     with tempfile.TemporaryDirectory(prefix="sdlora-") as tmp:
         # Our files keep lora_alpha in the safetensors header, which diffusers reads only from a path (a dict
         # would get alpha = rank). A safetensors path is safe to hand over; everything else goes as tensors.
         source = str(lora.path) if lora.has_adapter_metadata else lora.state_dict
-        if lora.format == "kohya" and any(k.endswith(".dora_scale") for k in lora.state_dict):
-            # diffusers' kohya loader drops DoRA's dora_scale (with a warning): go through our own reader,
-            # which keeps it, and the diffusers-format writer.
+        dora = any(k.endswith(".dora_scale") for k in lora.state_dict)
+        if lora.format == "kohya" and (dora or not family.kohya_names.diffusers_reads):
+            # diffusers' kohya loader drops DoRA's dora_scale (with a warning), and has no converter for SD 3.5's
+            # kohya names: go through our own reader, which keeps both, and the diffusers-format writer.
             from .lora_weights import write_diffusers
 
             source = str(write_diffusers(weights, Path(tmp) / "lora.safetensors"))

@@ -1,6 +1,7 @@
 """A LoRA in memory, whatever file it came from, and its two file formats (diffusers' and kohya's).
 
-`LoraWeights` holds peft-named tensors per model part (`unet`, `text_encoder`, `text_encoder_2`):
+`LoraWeights` holds peft-named tensors per model part (`unet` or SD 3.5's `transformer`, `text_encoder`,
+`text_encoder_2`):
 `<module>.lora_A.weight`, `<module>.lora_B.weight` and, for DoRA, `<module>.lora_magnitude_vector`, plus
 each module's alpha (the LoRA adds alpha / rank * B @ A, as kohya and diffusers both read it), the model
 family when known, and header metadata (`ss_*`, `modelspec.*`) carried into the files it is written to.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import lycoris
 from .errors import UserError
 from .families import SD1, SDXL, Family, family_of_denoiser, family_of_lora
 from .fileio import atomic_file
@@ -43,7 +45,9 @@ from .kohya import (
     to_kohya,
 )
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+# The denoiser parts (SD 3.5's is a transformer); the others are text encoders.
+DENOISERS = ("unet", "transformer")
+PARTS = (*DENOISERS, "text_encoder", "text_encoder_2")
 # diffusers' header key for the adapter configs (loaders.lora_base.LORA_ADAPTER_METADATA_KEY)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # Header keys that describe one file's tensors; recomputed when writing, so not carried from a file read.
@@ -66,6 +70,7 @@ class LoraWeights:
     family: Family | None = None  # None: neither the file's names nor its shapes tell
     metadata: dict[str, str] = field(default_factory=dict)
     sgm_layout: SgmLayout | None = None  # the UNet's layout for kohya's SDXL names (None: SDXL's own)
+    network: str = "lora"  # or LyCORIS's loha / lokr, their tensors under peft's names (sdlora/lycoris.py)
 
     def modules(self, part: str) -> list[str]:
         return list(self.alphas.get(part, {}))
@@ -79,11 +84,17 @@ class LoraWeights:
     def magnitude(self, part: str, module: str) -> torch.Tensor | None:
         return self.parts[part].get(module + MAGNITUDE)
 
-    def rank(self, part: str, module: str) -> int:
+    def rank(self, part: str, module: str) -> int | None:
+        """The rank alpha is divided by (None: a LoKr of two full matrices, scale 1)."""
+        if self.network != "lora":
+            return lycoris.rank(self.parts[part], module)
         return self.down(part, module).shape[0]
 
     def delta(self, part: str, module: str) -> torch.Tensor:
-        """What the LoRA adds to the module's weight (before DoRA's normalisation): alpha / rank * B @ A."""
+        """What the LoRA adds to the module's weight (before DoRA's normalisation): alpha / rank * B @ A (LoHa,
+        LoKr: lycoris.delta, flattened to (out, in * kh * kw) for a non-Tucker conv)."""
+        if self.network != "lora":
+            return lycoris.delta(self.parts[part], module, self.alphas[part][module])
         down, up = self.down(part, module), self.up(part, module)
         scale = self.alphas[part][module] / down.shape[0]
         # (out, r) @ (r, in * kh * kw), back to the weight's shape (out, in[, kh, kw])
@@ -98,11 +109,19 @@ class LoraWeights:
         tensors = [self.parts[part]] if part else self.parts.values()
         return any(k.endswith(MAGNITUDE) for t in tensors for k in t)
 
+    def is_conv(self, part: str, module: str) -> bool:
+        """Whether the module is a spatial convolution (kohya's conv_dim), not a Linear or 1x1 layer."""
+        if self.network != "lora":
+            return lycoris.is_spatial_conv(self.parts[part], module)
+        return is_conv3(self.down(part, module))
+
     def has_conv(self) -> bool:
         """Whether it adapts spatial convolutions (kohya's LoCon), not only Linear and 1x1 layers."""
-        return any(is_conv3(self.down(p, m)) for p in self.parts for m in self.modules(p))
+        return any(self.is_conv(p, m) for p in self.parts for m in self.modules(p))
 
     def adapter_type(self) -> str:
+        if self.network != "lora":
+            return lycoris.title(self.parts)
         kind = "LoCon" if self.has_conv() else "LoRA"
         return f"DoRA ({kind})" if self.is_dora() else kind
 
@@ -118,13 +137,13 @@ def _te_path(module: str) -> str:
 
 
 def _canonical(part: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if part == "unet":
+    if part in DENOISERS:
         return tensors
     return {_te_path(k): v for k, v in tensors.items()}
 
 
 def _modules_of(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [k.removesuffix(LORA_A) for k in tensors if k.endswith(LORA_A)]
+    return [k.removesuffix(LORA_A) for k in tensors if k.endswith(LORA_A)] + lycoris.modules_of(tensors)
 
 
 def weights_from_models(
@@ -150,7 +169,7 @@ def weights_from_models(
         # (save_embedding_layers=False: no embeddings are adapted; "auto" looks for a config and warns)
         state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        module_alphas = {}
+        module_alphas = lycoris.layer_alphas(model, adapter_name)  # (LoHa/LoKr layers; LoRA's below)
         for name, layer in model.named_modules():
             if isinstance(layer, LoraLayer) and adapter_name in layer.r:
                 alpha, rank = layer.lora_alpha[adapter_name], layer.r[adapter_name]
@@ -159,16 +178,17 @@ def weights_from_models(
                 module_alphas[name] = float32(alpha * math.sqrt(rank) if rslora else alpha)
         if set(module_alphas) != set(_modules_of(tensors)):
             raise ValueError(f"{part}: LoRA layers and adapter weights disagree; pass the unwrapped model")
-        if part != "unet":
+        if part not in DENOISERS:
             module_alphas = {_te_path(m): a for m, a in module_alphas.items()}
         parts[part], alphas[part] = _canonical(part, tensors), module_alphas
-    unet = models.get("unet")
-    if family is None and "text_encoder_2" in models:
+    denoiser = next((models[p] for p in DENOISERS if p in models), None)
+    if family is None and denoiser is not None:
+        family = family_of_denoiser(denoiser.config)
+    elif family is None and "text_encoder_2" in models:
         family = SDXL
-    elif family is None and unet is not None:
-        family = family_of_denoiser(unet.config)
-    layout = family.sgm_layout(unet.config) if family is not None and unet is not None else None
-    return LoraWeights(parts, alphas, family, dict(metadata or {}), layout)
+    layout = family.sgm_layout(denoiser.config) if family is not None and denoiser is not None else None
+    network = lycoris.network_of(k for tensors in parts.values() for k in tensors) or "lora"
+    return LoraWeights(parts, alphas, family, dict(metadata or {}), layout, network)
 
 
 # --- diffusers format --------------------------------------------------------------------------------
@@ -184,7 +204,7 @@ def adapter_config(weights: LoraWeights, part: str) -> dict:
     from peft import LoraConfig
 
     def pattern(module: str) -> str:
-        return module if part == "unet" else module.removeprefix("text_model.")
+        return module if part in DENOISERS else module.removeprefix("text_model.")
 
     ranks = {m: weights.rank(part, m) for m in weights.modules(part)}
     alphas = weights.alphas[part]
@@ -205,7 +225,8 @@ def _file_metadata(weights: LoraWeights) -> dict[str, str]:
     """A file's header: the weights' metadata, with the ss_network_* keys computed from the tensors (they
     describe this file) and any ss_network_args of the trainer's (e.g. its layer set) kept beside them."""
     metadata = _with_family(weights)
-    derived = network_metadata(weights.parts, weights.alphas)
+    describe = network_metadata if weights.network == "lora" else lycoris.network_metadata
+    derived = describe(weights.parts, weights.alphas)
     args = {
         **json.loads(derived.get("ss_network_args", "{}")),
         **json.loads(metadata.get("ss_network_args", "{}")),
@@ -241,6 +262,8 @@ def write_diffusers(weights: LoraWeights, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
+    if weights.network != "lora":  # (no diffusers format: peft's names, sdlora/lycoris.py)
+        return _save(lycoris.to_parts(weights.parts, weights.alphas), path, _file_metadata(weights))
     family = weights.family or (SDXL if "text_encoder_2" in weights.parts else SD1)
     strays = [p for p in weights.parts if p != family.denoiser and p not in family.text_encoders]
     if strays:
@@ -248,7 +271,7 @@ def write_diffusers(weights: LoraWeights, path: str | Path) -> Path:
     pipeline = family.pipeline_class
     kwargs = {}
     for part, tensors in weights.parts.items():
-        if part != "unet":  # see _TE_MAGNITUDE
+        if part not in DENOISERS:  # see _TE_MAGNITUDE
             tensors = {k + ".weight" if k.endswith(MAGNITUDE) else k: v for k, v in tensors.items()}
         kwargs[f"{part}_lora_layers"] = tensors
         kwargs[f"{part}_lora_adapter_metadata"] = adapter_config(weights, part)
@@ -293,7 +316,7 @@ def _from_diffusers(path: str | Path, state: dict[str, torch.Tensor], header: di
         configs.setdefault(part, {})[name] = value
     parts, alphas = {}, {}
     for part, tensors in by_part.items():
-        if part == "unet":
+        if part in DENOISERS:
             tensors = convert_unet_state_dict_to_peft(tensors)
         else:  # the same conversions as diffusers' text encoder loader
             tensors = _canonical(part, convert_state_dict_to_peft(convert_state_dict_to_diffusers(tensors)))
@@ -328,18 +351,25 @@ def weights_from_file(
     kohya's SDXL block numbers are read with `sgm_layout` (SDXL's own when None). Files are read, safely
     and with their format told, by sdlora.lora_files.read_lora.
     """
-    if kohya:
+    network = lycoris.network_of(state) or "lora"
+    if kohya or network != "lora":
         try:
-            parts, alphas = from_kohya(state, sgm_layout or SDXL_LAYOUT)
+            read = from_kohya if network == "lora" else lambda s, layout: lycoris.from_file(s, kohya, layout)
+            parts, alphas = read(state, sgm_layout or SDXL_LAYOUT)
         except KohyaFormatError as e:
             raise UserError(f"{name}: {e}") from None
     else:
         parts, alphas = _from_diffusers(name, state, header)
     family = family_of_lora(header, list(state) if kohya else [], parts)
+    if kohya and family is not None and network == "lora":  # SD 3.5's kohya names: kohya_sd3.py
+        try:
+            parts, alphas = family.kohya_names.from_kohya_parts(parts, alphas)
+        except KohyaFormatError as e:
+            raise UserError(f"{name}: {e}") from None
     metadata = {k: v for k, v in header.items() if k not in _DERIVED_KEYS}
-    order = [p for p in PARTS if p in parts]  # the UNet first, whatever order the file's keys sort in
+    order = [p for p in PARTS if p in parts]  # the denoiser first, whatever order the file's keys sort in
     parts, alphas = {p: parts[p] for p in order}, {p: alphas[p] for p in order}
-    return LoraWeights(parts, alphas, family, metadata, sgm_layout)
+    return LoraWeights(parts, alphas, family, metadata, sgm_layout, network)
 
 
 # --- kohya format ------------------------------------------------------------------------------------
@@ -351,14 +381,18 @@ def write_kohya(weights: LoraWeights, path: str | Path) -> Path:
     The ss_network_* keys are computed from the tensors (they describe this file), the rest of the
     metadata is the weights' own.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     try:
-        tensors = to_kohya(weights.parts, weights.alphas, weights.kohya_names)
+        writer = to_kohya if weights.network == "lora" else lycoris.to_kohya  # (LoHa/LoKr: LyCORIS's format)
+        tensors = writer(weights.parts, weights.alphas, weights.kohya_names)
     except KohyaFormatError as e:
         raise UserError(f"{path}: cannot write it in kohya's format: {e}") from None
-    metadata = _file_metadata(weights)
+    return _save(tensors, path, _file_metadata(weights))
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

@@ -13,6 +13,7 @@ from .fileio import atomic_directory
 from .generation import generate, inference_scheduler, load_pipeline, make_grid, slugify
 from .heldout import evaluating
 from .layout import VALIDATION_DIR
+from .prompts import Prompt, parse_line, read_prompt_file, with_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +33,36 @@ def borrowed(modules: list[torch.nn.Module], device):
 
 
 def pipeline_from_modules(
-    base, denoiser, text_encoders, device, prediction_type: str, revision: str | None = None
+    base,
+    denoiser,
+    text_encoders,
+    device,
+    prediction_type: str,
+    revision: str | None = None,
+    zero_snr: bool = False,
 ):
     """The family's pipeline around the training modules (no weights reloaded from disk), sampling with
-    the prediction type the LoRA is trained for."""
+    the prediction type (and zero terminal SNR) the LoRA is trained for."""
     components = base.pipeline_components(denoiser)
     components.update(zip(base.family.text_encoders, text_encoders))
     pipe = base.family.pipeline_class(
         **components,
-        scheduler=inference_scheduler(base.name, prediction_type, revision),
+        scheduler=inference_scheduler(base.name, prediction_type, revision, zero_snr),
         **base.family.pipeline_kwargs,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def run_validation(
-    pipe, prompts, negatives, validation, seed: int, step: int, output_dir: Path, trackers, dtype
+    pipe, prompts: list[Prompt], validation, seed: int, step: int, output_dir: Path, trackers, dtype
 ) -> bool:
-    """Generate validation.num_validation_images per prompt (validation: config.train.ValidationConfig) with
+    """Generate validation.num_validation_images per prompt (validation: config.train.ValidationConfig; a
+    prompt's own settings, kohya's --n --w --h --d --l --s, over the flags') with
     every module in eval mode (LoRA dropout off, so the images are those the saved file gives); save the PNGs
     (the step's folder replaced whole) and one grid per prompt to TensorBoard.
 
@@ -67,18 +79,19 @@ def run_validation(
                 with autocast, evaluating(modules):
                     images = generate(
                         pipe,
-                        prompt,
-                        negatives[i] if negatives else None,
+                        prompt.text,
+                        prompt.negative,
                         validation.num_validation_images,
-                        validation.validation_num_inference_steps,
-                        validation.validation_guidance_scale,
-                        seed,
-                        height=validation.validation_height,
-                        width=validation.validation_width,
+                        prompt.steps or validation.validation_num_inference_steps,
+                        _given(prompt.guidance_scale, validation.validation_guidance_scale),
+                        _given(prompt.seed, seed),
+                        height=prompt.height or validation.validation_height,
+                        width=prompt.width or validation.validation_width,
                     )
+                stem = f"{i:02d}-{slugify(prompt.text)}"
                 for j, image in enumerate(images):
-                    image.save(folder / f"{i:02d}-{slugify(prompt)}_{j}.png")
-                grids.append((f"validation/{i:02d}-{slugify(prompt)}", prompt, np.asarray(make_grid(images))))
+                    image.save(folder / f"{stem}_{j}.png")
+                grids.append((f"validation/{stem}", prompt.text, np.asarray(make_grid(images))))
         for tag, prompt, grid in grids:
             for tracker in trackers:
                 if tracker.name == "tensorboard":
@@ -93,18 +106,23 @@ def run_validation(
         return False
 
 
-def validation_prompts(validation) -> tuple[list[str], list[str] | None]:
-    """Prompts from --validation_prompts_dir (a file) or --validation_prompt; negatives cycled to match."""
+def validation_prompts(validation) -> list[Prompt]:
+    """Prompts from --validation_prompts_dir (a file: lines with kohya's options, JSON or TOML) or
+    --validation_prompt (its options too); --validation_negative_prompts_dir's lines where a prompt sets no
+    negative of its own, cycled to match."""
     from .captions import read_validation_prompts
 
-    prompts = [validation.validation_prompt] if validation.validation_prompt else []
+    prompts = (
+        [parse_line(validation.validation_prompt, "--validation_prompt")]
+        if validation.validation_prompt
+        else []
+    )
     if validation.validation_prompts_dir:
-        prompts = read_validation_prompts(validation.validation_prompts_dir)
+        prompts = read_prompt_file(validation.validation_prompts_dir)
     negatives = None
     if validation.validation_negative_prompts_dir:
         negatives = read_validation_prompts(validation.validation_negative_prompts_dir)
-        negatives = (negatives * len(prompts))[: len(prompts)]
-    return prompts, negatives
+    return with_negatives(prompts, negatives)
 
 
 class Validator:
@@ -120,13 +138,14 @@ class Validator:
         accelerator,
         base,
         dtype,
-        prediction_type,
-        revision,
+        prediction_type: str,
+        zero_snr: bool,
+        revision: str | None,
     ):
         self.validation, self.seed, self.output_dir = validation, seed, output_dir
-        self.prompts, self.negatives = prompts  # validation_prompts(validation), read before any work
+        self.prompts = prompts  # validation_prompts(validation), read before any work
         self.accelerator, self.base, self.dtype = accelerator, base, dtype
-        self.prediction_type, self.revision = prediction_type, revision
+        self.prediction_type, self.zero_snr, self.revision = prediction_type, zero_snr, revision
 
     def __call__(self, step: int) -> None:
         if not self.prompts or not self.accelerator.is_main_process:
@@ -142,7 +161,13 @@ class Validator:
         with borrowed([base.vae, *base.text_encoders], device):
             try:
                 pipe = pipeline_from_modules(
-                    base, base.denoiser, base.text_encoders, device, self.prediction_type, self.revision
+                    base,
+                    base.denoiser,
+                    base.text_encoders,
+                    device,
+                    self.prediction_type,
+                    self.revision,
+                    self.zero_snr,
                 )
             except Exception as e:  # noqa: BLE001 - validation must never end a training run
                 logger.error(
@@ -153,7 +178,7 @@ class Validator:
 
     def _run(self, pipe, step: int) -> bool:
         return run_validation(
-            pipe, self.prompts, self.negatives, self.validation, self.seed, step, self.output_dir,
+            pipe, self.prompts, self.validation, self.seed, step, self.output_dir,
             self.accelerator.trackers, self.dtype,
         )  # fmt: skip
 
@@ -171,5 +196,5 @@ class Validator:
             logger.error("final validation failed (%s: %s); the outputs are saved", type(e).__name__, e)
             return None
         if self._run(pipe, step):
-            return f"{VALIDATION_DIR}/step-{step}/00-{slugify(self.prompts[0])}_0.png"
+            return f"{VALIDATION_DIR}/step-{step}/00-{slugify(self.prompts[0].text)}_0.png"
         return None

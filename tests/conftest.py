@@ -56,6 +56,13 @@ def tiny_sdxl(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", family="sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    from sdlora.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("sd3") / "tiny-sd3", family="sd3")
+
+
 @pytest.fixture
 def sample_data(tmp_path) -> Path:
     """A fresh copy of the sample images, captions and prompts in a temporary folder."""

@@ -62,7 +62,7 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_key(tmp_path, capsys,
 
 def test_every_recipe_is_a_valid_config(tmp_path):
     recipes = sorted((REPO / "recipes").glob("*.toml"))
-    assert [p.stem for p in recipes] == ["sd15", "sd21", "sdxl", "tiny"]
+    assert [p.stem for p in recipes] == ["sd15", "sd21", "sd35", "sdxl", "tiny"]
     for recipe in recipes:
         cfg = parse_train_config("", [*DATA, "--config", str(recipe)])
         assert cfg.optimization.seed == 42 and cfg.data.random_flip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -14,7 +15,10 @@ import pytest
 from PIL import Image
 from test_fileio import run_on_small_disk
 
+import create_dataset
+from sdlora.caption_controls import options
 from sdlora.captions import write_metadata_jsonl
+from sdlora.errors import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,7 +157,8 @@ def test_overwrite_replaces_the_dataset_only_once_the_new_one_is_complete(sample
 def test_image_changed_after_the_check_leaves_the_old_dataset_intact(sample_data):
     """A file edited between the check and the write stops the write; the old dataset is untouched."""
     from sdlora.captions import read_captions_json
-    from sdlora.dataset_builder import build_dataset, check_examples, pair_examples, write_dataset
+    from sdlora.dataset_builder import build_dataset, check_examples, pair_examples
+    from sdlora.dataset_writer import write_dataset
     from sdlora.errors import UserError
 
     examples, problems = pair_examples(
@@ -441,3 +446,248 @@ def test_a_read_only_output_dir_is_one_error_line_before_any_image_is_read(tmp_p
         f"error: {folder}: cannot write there (Read-only file system); pass another --output_dir\n"
     )
     assert runs[0]["stdout"] == ""  # no image checked, no caption counted
+
+
+# Several captions, masks and kept alpha: run in this process on tiny images (a subprocess costs seconds).
+# A 4x3 RGB PNG, fixed bytes (not re-encoded by whatever Pillow/zlib is installed), stored as it is.
+RED_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAQAAAADCAIAAAA7ljmRAAAAGElEQVR4nGM8wYAATBDKSUSOgYGBEVkGAC/rAgmJgdSmAAAAAElFTkSuQmCC"
+)
+# What create_dataset.py wrote before lists, masks and --keep_alpha existed for RED_PNG as images/red.png
+# captioned "a red square" (commit before issue 22's dataset work): the trainer's caches key on it.
+RED_FINGERPRINT = "8427cb6b8c67bd4b"
+
+
+def create(capsys, *argv: str) -> tuple[int, str, str]:
+    """create_dataset.py in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        run_cli(create_dataset.main, create_dataset.parse_args(list(argv)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def build(capsys, root: Path, *argv: str, name: str = "ds", tokenizer: Path | None = None):
+    """Build <root>/out/<name> from <root>/images (captions from root/image_captions.json, else beside the
+    images); return (status, stdout, stderr, the dataset folder)."""
+    model = ["--pretrained_model_name_or_path", str(tokenizer or root / "no-model")]
+    images = ["--images_dir", str(root / "images"), "--captions_file", str(root / "image_captions.json")]
+    code, out, err = create(
+        capsys, *model, *images, "--output_dir", str(root / "out"), "--dataset_name", name, *argv
+    )
+    return code, out, err, root / "out" / name
+
+
+def fingerprint_of(dataset: Path) -> str:
+    return json.loads((dataset / "state.json").read_text())["_fingerprint"]
+
+
+def solid(path: Path, size: tuple[int, int], colour, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path)
+
+
+def test_single_captions_keep_the_string_column_and_the_fingerprint_they_had(tmp_path, capsys):
+    """Today's inputs write today's dataset: a string column and the fingerprint the old builder wrote."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "red.png").write_bytes(RED_PNG)
+    (tmp_path / "images" / "red.txt").write_text("  a red square \n\n")  # one line: one caption, stripped
+    code, _, err, txt = build(capsys, tmp_path, name="txt")
+    assert code == 0, err
+    (tmp_path / "image_captions.json").write_text(json.dumps({"images/red.png": ["a red square"]}))
+    code, _, err, json_list = build(capsys, tmp_path, name="json")  # a list of one is one caption
+    assert code == 0, err
+    for dataset in (txt, json_list):
+        ds = datasets.load_from_disk(str(dataset))
+        assert ds.features == datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+        assert ds["text"] == ["a red square"]
+        assert fingerprint_of(dataset) == RED_FINGERPRINT
+
+
+def test_several_captions_per_image_make_every_row_a_list(tmp_path, capsys, tiny_model):
+    images = tmp_path / "images"
+    solid(images / "cat.png", (8, 6), "red")
+    solid(images / "dog.png", (8, 6), "blue")
+    long_caption = " ".join(["a red circle on a blue background"] * 20)
+    expected = {"cat.png": ["a red cat", "a cat", long_caption], "dog.png": ["a blue dog"]}
+    sources = {
+        "json": lambda: (tmp_path / "image_captions.json").write_text(
+            json.dumps({"images/cat.png": expected["cat.png"], "images/dog.png": "a blue dog"})
+        ),
+        "jsonl": lambda: (images / "metadata.jsonl").write_text(
+            json.dumps({"file_name": "cat.png", "text": expected["cat.png"]})
+            + "\n"
+            + json.dumps({"file_name": "dog.png", "text": "a blue dog"})
+            + "\n"
+        ),
+        "txt": lambda: [
+            (images / "cat.txt").write_text(f"a red cat\n\n  a cat  \n{long_caption}\n"),
+            (images / "dog.txt").write_text("a blue dog\n"),
+        ],
+    }
+    fingerprints = set()
+    for fmt, write in sources.items():
+        for leftover in (tmp_path / "image_captions.json", images / "metadata.jsonl"):
+            leftover.unlink(missing_ok=True)
+        write()
+        code, out, err, dataset = build(capsys, tmp_path, name=fmt, tokenizer=tiny_model)
+        assert code == 0, err
+        assert "1 images with several captions" in out, fmt
+        assert "1 captions longer than 77 tokens" in out, fmt  # each caption is counted
+        ds = datasets.load_from_disk(str(dataset))
+        assert ds.features["text"] == datasets.List(datasets.Value("string")), fmt
+        by_name = {
+            row["image"]["path"]: row["text"] for row in ds.cast_column("image", datasets.Image(decode=False))
+        }
+        assert by_name == expected, fmt
+        assert [options(t) for t in ds["text"]] == ds["text"]  # the trainer's caption choices
+        fingerprints.add(fingerprint_of(dataset))
+    assert len(fingerprints) == 1  # same content from any of the three formats, same fingerprint
+    (images / "cat.txt").write_text("a red cat\n")
+    code, _, err, single = build(capsys, tmp_path, name="single", tokenizer=tiny_model)
+    assert code == 0, err
+    assert datasets.load_from_disk(str(single)).features["text"] == datasets.Value("string")
+    assert fingerprint_of(single) not in fingerprints
+
+
+def exif_rotated(path: Path, size: tuple[int, int]) -> None:
+    """A JPEG stored at `size` whose EXIF says to rotate it by 90 degrees: upright it is size[::-1]."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", size, "green").save(path, exif=exif)
+
+
+def test_masks_dir_writes_a_grayscale_mask_column_at_each_images_size(tmp_path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    solid(images / "a.png", (8, 6), "red")
+    (images / "sub").mkdir()
+    exif_rotated(images / "sub" / "b.jpg", (10, 4))  # upright 4x10
+    pattern = np.zeros((6, 8), dtype=np.uint8)
+    pattern[1:4, 2:7] = 255
+    pattern[5, 0] = 128
+    (masks / "deep").mkdir(parents=True)
+    Image.fromarray(pattern, "L").save(masks / "deep" / "a.png")  # found anywhere under --masks_dir
+    solid(masks / "b.png", (4, 10), (255, 255, 255))  # an RGB mask is stored as grayscale
+    (tmp_path / "image_captions.json").write_text(json.dumps({"images/a.png": "a", "images/sub/b.jpg": "b"}))
+    code, out, err, dataset = build(capsys, tmp_path, "--masks_dir", str(masks), name="masked")
+    assert code == 0, err
+    assert "2 masks" in out
+    ds = datasets.load_from_disk(str(dataset))
+    assert ds.column_names == ["image", "text", "mask"]
+    assert ds.features["mask"] == datasets.Image() and ds.features["text"] == datasets.Value("string")
+    rows = {row["text"]: row for row in ds}
+    for text, expected in (("a", pattern), ("b", np.full((10, 4), 255, dtype=np.uint8))):
+        mask = rows[text]["mask"]
+        assert mask.mode == "L" and mask.size == rows[text]["image"].size, text
+        assert np.array_equal(np.asarray(mask), expected), text
+    raw = ds.cast_column("mask", datasets.Image(decode=False))
+    assert all(row["mask"]["bytes"].startswith(b"\x89PNG") for row in raw)
+    # The trainer's --masked_loss --mask_column mask reads the same masks, and finds nothing wrong.
+    from types import SimpleNamespace
+
+    from sdlora.data.masks import MaskSource
+    from sdlora.data.sources import DatasetSource, load_train_dataset
+
+    train = load_train_dataset(DatasetSource(disk_path=str(dataset)))
+    view = SimpleNamespace(dataset=train, image_column="image", sizes=[(8, 6), (4, 10)])
+    column = MaskSource(column="mask")
+    assert np.array_equal(np.asarray(column.load(view, 0)), pattern)
+    assert column.problems(view, [0, 1]) == []
+    # The masks enter the fingerprint: without them, or with one pixel changed, it is another dataset.
+    code, _, err, plain = build(capsys, tmp_path, name="plain")
+    assert code == 0, err
+    pattern[0, 0] = 255
+    Image.fromarray(pattern, "L").save(masks / "deep" / "a.png")
+    code, _, err, edited = build(capsys, tmp_path, "--masks_dir", str(masks), name="edited")
+    assert code == 0, err
+    assert len({fingerprint_of(plain), fingerprint_of(dataset), fingerprint_of(edited)}) == 3
+
+
+def test_keep_alpha_stores_transparent_images_as_rgba_and_only_then(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    alpha = np.tile(np.array([0, 64, 128, 255], dtype=np.uint8), (6, 2))
+    Image.fromarray(np.dstack([colour, alpha]), "RGBA").save(images / "rgba.png")
+    Image.fromarray(np.dstack([colour[..., 0], alpha]), "LA").save(images / "la.png")
+    palette = Image.new("P", (8, 6), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 10])
+    palette.putpixel((0, 0), 0)
+    palette.save(images / "p.png", transparency=0)
+    (images / "opaque.png").write_bytes(RED_PNG)
+    names = ("rgba.png", "la.png", "p.png", "opaque.png")
+    (tmp_path / "image_captions.json").write_text(json.dumps({f"images/{n}": n for n in names}))
+    code, out, err, kept = build(capsys, tmp_path, "--keep_alpha", name="kept")
+    assert code == 0, err
+    assert "3 images with transparency kept as RGBA" in out and "composited" not in out
+    code, out, err, composited = build(capsys, tmp_path, name="composited")
+    assert code == 0, err
+    assert "3 with transparency composited" in out
+    with_alpha = {row["text"]: row["image"] for row in datasets.load_from_disk(str(kept))}
+    without = {row["text"]: row["image"] for row in datasets.load_from_disk(str(composited))}
+    assert {n: with_alpha[n].mode for n in names} == {
+        "rgba.png": "RGBA",
+        "la.png": "RGBA",
+        "p.png": "RGBA",
+        "opaque.png": "RGB",
+    }
+    assert all(image.mode == "RGB" for image in without.values())
+    assert np.array_equal(np.asarray(with_alpha["rgba.png"]), np.dstack([colour, alpha]))
+    assert np.array_equal(np.asarray(with_alpha["la.png"].getchannel("A")), alpha)
+    assert with_alpha["p.png"].getchannel("A").getpixel((0, 0)) == 0
+    assert with_alpha["p.png"].getchannel("A").getpixel((1, 0)) == 255
+    # What the trainer does with them: composites on its own --background (like create_dataset.py
+    # without --keep_alpha), or reads the alpha as the mask with --alpha_mask.
+    from sdlora.images import load_image
+
+    assert np.array_equal(
+        np.asarray(load_image(with_alpha["rgba.png"]).image), np.asarray(without["rgba.png"])
+    )
+    raw = datasets.load_from_disk(str(kept)).cast_column("image", datasets.Image(decode=False))
+    opaque = next(row["image"]["bytes"] for row in raw if row["text"] == "opaque.png")
+    assert opaque == RED_PNG  # a plain RGB file keeps its bytes
+    assert fingerprint_of(kept) != fingerprint_of(composited)
+
+
+def test_bad_masks_and_caption_lists_are_listed_together_one_line_each(tmp_path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for name in ("good", "no_mask", "wrong_size", "rotated", "bad_mask", "empty_entry"):
+        solid(images / f"{name}.png", (8, 6), "red")
+    (images / "rotated.png").unlink()
+    exif_rotated(images / "rotated.jpg", (8, 6))  # upright 6x8: a mask of the stored 8x6 is the wrong size
+    for name in ("good", "rotated", "empty_entry"):
+        solid(masks / f"{name}.png", (8, 6), 255, "L")
+    solid(masks / "wrong_size.png", (6, 6), 255, "L")
+    (masks / "bad_mask.png").write_bytes(b"not a png")
+    solid(masks / "orphan.png", (8, 6), 255, "L")
+    solid(masks / "again" / "good.png", (8, 6), 255, "L")
+    captions = {f"images/{p.name}": p.stem for p in images.iterdir()}
+    captions["images/empty_entry.png"] = ["a caption", " "]
+    (tmp_path / "image_captions.json").write_text(json.dumps(captions))
+    code, out, err, dataset = build(capsys, tmp_path, "--masks_dir", str(masks), name="bad")
+    assert code == 2 and "Traceback" not in err
+    lines = err.splitlines()
+    expected = {
+        "caption 2 of 2 for": "empty_entry.png",
+        "no mask named like it": "no_mask.png",
+        "6x6, but its image": "wrong_size.png",
+        "8x6, but its image": "rotated.jpg",
+        "not an image Pillow can read": "bad_mask.png",
+        "a mask without an image": "orphan.png",
+        "a second mask for images named 'good'": "good.png",
+    }
+    for words, file in expected.items():
+        matching = [line for line in lines if words in line]
+        assert len(matching) == 1 and file in matching[0], (words, err)
+    assert len(lines) == len(expected) + 1  # one line each, then the summary
+    assert not dataset.exists()
+    code, _, err, dataset = build(capsys, tmp_path, "--masks_dir", str(masks), "--skip_invalid", name="rest")
+    assert code == 0, err
+    assert sorted(datasets.load_from_disk(str(dataset))["text"]) == ["good"]
+    (tmp_path / "image_captions.json").write_text(json.dumps({"images/good.png": ["a", 3]}))
+    code, _, err, _ = build(capsys, tmp_path, name="not_strings")
+    assert code == 2 and err.count("\n") == 1 and "is not a string or a list of strings" in err, err

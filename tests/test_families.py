@@ -81,10 +81,11 @@ def test_sdxl_time_ids_are_height_width_first():
 
 def test_the_trainer_loads_the_unet_with_pytorch_sdpa_attention(tiny_model):
     from sdlora.config import parse_train_config
-    from sdlora.training.setup import derive_settings, load_model
+    from sdlora.training.settings import derive_settings
+    from sdlora.training.setup import load_model
 
     cfg = parse_train_config("", ["--pretrained_model_name_or_path", str(tiny_model), "--dataset_from_disk"])
-    base = load_model(cfg, torch.device("cpu"), torch.float32)
+    base = load_model(cfg.model, cfg.speed, False, torch.device("cpu"), torch.float32)
     # AttnProcessor2_0 is diffusers' processor that calls F.scaled_dot_product_attention.
     assert {type(p).__name__ for p in base.unet.attn_processors.values()} == {"AttnProcessor2_0"}
     accelerator = type("Launch", (), {"mixed_precision": "no", "num_processes": 1})()

@@ -104,7 +104,7 @@ def test_sdxl_time_ids_follow_each_images_size_bucket_crop_and_flip(tiny_sdxl):
     from sdlora.training.conditioning import Conditioning
 
     base = load_base_model(str(tiny_sdxl))
-    images = TrainImages([], "image", ["a"], Augment(0, True), CaptionControls())
+    images = TrainImages([{}], "image", ["a"], Augment(0, True), CaptionControls())
     images.sizes = [(300, 180)]  # a landscape photo
     images.place(BucketSettings("bucket", 128, 32, 64, 256))
     p = images.placements[0]

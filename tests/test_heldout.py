@@ -35,7 +35,7 @@ from sdlora.heldout import (
     train_probe_indices,
     truncate_csv,
 )
-from sdlora.objectives import make_objective
+from sdlora.objectives import DiffusionObjective
 
 # --- the split -------------------------------------------------------------------------------------------
 
@@ -162,7 +162,7 @@ SHAPES = [(4, 8, 8), (4, 6, 10), (4, 8, 8)]  # two aspect-ratio buckets, interle
 
 
 def loss(unet, examples, scheduler, **kw):
-    objective = make_objective(scheduler, None, None, 0.0)
+    objective = DiffusionObjective(scheduler, scheduler.config.prediction_type)
     return heldout_loss(unet, examples, TIMESTEPS, objective, seed=5, dtype=torch.float32, device="cpu", **kw)
 
 
@@ -261,7 +261,7 @@ def test_heldout_loss_batches_sdxl_style_nested_conditioning():
         ProbeExample(i, torch.randn(shape, generator=g), inputs)
         for i, (shape, inputs) in enumerate(zip(SHAPES, per_example))
     ]
-    objective = make_objective(DDPMScheduler(), None, None, 0.0)
+    objective = DiffusionObjective(DDPMScheduler())
     got = heldout_loss(xl_unet, examples, TIMESTEPS, objective, seed=5, dtype=torch.float32, device="cpu")
     assert got == heldout_loss(
         xl_unet, examples, TIMESTEPS, objective, seed=5, dtype=torch.float32, device="cpu"

@@ -62,7 +62,9 @@ def test_early_stopping_keeps_the_best_step_and_ends_like_a_normal_run(stopped):
     assert last < 60 and "early stopping after step" in result.stderr
     # The epoch reached (of the last batch trained), not the epochs the 60 steps would have taken.
     reached = max(e["epoch"] for e in stopped[2] if e["event"] == "batch") + 1
-    assert lora_header(out)["ss_epoch"] == str(reached) and reached < int(result.stderr.split("epochs = ")[1].split(",")[0])
+    assert lora_header(out)["ss_epoch"] == str(reached) and reached < int(
+        result.stderr.split("epochs = ")[1].split(",")[0]
+    )
     best_step = int(table[best]["step"])
     assert json.loads((out / "best" / "step.json").read_text()) == {
         "step": best_step,

@@ -167,17 +167,55 @@ def test_notebook_saves_native_size_pngs_and_shows_the_lora_side_by_side(noteboo
     assert np.array_equal(pixels(grids[3])[:, :64], without)
 
 
-def test_notebook_takes_an_explicit_size_and_numbers_on_without_overwriting(notebook_run, kernel, tiny_model):
+# kohya's TOML sample-prompt file: [prompt] defaults, a [[prompt.subset]] per prompt with its own settings.
+KOHYA_PROMPTS = """
+[prompt]
+negative_prompt = "blurry"
+sample_steps = 3
+
+[[prompt.subset]]
+prompt = "a green triangle"
+width = 32
+height = 48
+seed = 9
+"""
+
+
+def test_notebook_takes_an_explicit_size_and_numbers_on_without_overwriting(
+    notebook_run, kernel, tiny_model, tmp_path
+):
     _, first = notebook_run
     results = Path(first["output_dir"])
     before = {p: p.read_bytes() for p in results.rglob("*.png")}
-    params = {**first, "lora_path": None, "prompts": PROMPTS[:1], "num_images": 1, "height": 48, "width": 80}
+    prompt_file = tmp_path / "prompts.toml"
+    prompt_file.write_text(KOHYA_PROMPTS)
+    params = {
+        **first, "lora_path": None, "prompts": [PROMPTS[0], str(prompt_file)], "num_images": 1, "height": 48,
+        "width": 80,
+    }  # fmt: skip
     nb = run_notebook(kernel, params)
-    new = results / SLUGS[0] / "image_2.png"
+    new, own = results / SLUGS[0] / "image_2.png", results / "a-green-triangle" / "image_0.png"
     assert Image.open(new).size == (80, 48)
+    assert Image.open(own).size == (32, 48)  # the prompt's own size, over the notebook's
+    record = json.loads((results / "generations.jsonl").read_text().splitlines()[-1])
+    assert (record["seeds"], record["negative_prompt"], record["num_inference_steps"]) == ([9], "blurry", 3)
     assert {p: p.read_bytes() for p in before} == before
-    assert set(results.rglob("*.png")) == set(before) | {new}
+    assert set(results.rglob("*.png")) == set(before) | {new, own}
     assert "no LoRA loaded" in json.dumps(nb.cells[-1].outputs)
+    # `python -m sdlora.generate` reads the same file into the same pixels.
+    out = tmp_path / "command"
+    command = [
+        sys.executable,
+        "-m",
+        "sdlora.generate",
+        "--prompts",
+        str(prompt_file),
+        "--output_dir",
+        str(out),
+    ]
+    command += ["--base_model", str(tiny_model), "--num_images", "1"]
+    assert run_script(command).returncode == 0
+    assert np.array_equal(pixels(out / "a-green-triangle" / "image_0.png"), pixels(own))
 
 
 # --- the command -------------------------------------------------------------------------------------

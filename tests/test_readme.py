@@ -122,10 +122,10 @@ def test_every_script_answers_help(capsys):
         "create_dataset": "parse_args",
         "generate_captions": "parse_args",
         "sdlora.generate": "parse_args",
-        "sdlora.lora_tools": "parse_args",
+        "sdlora.lora_tools.cli": "parse_args",
         "sdlora.tiny_model": "main",
         "sdlora.sample_data": "main",
-        "sdlora.families": "main",
+        "sdlora.families.__main__": "main",
     }
     for module, function in parsers.items():
         with pytest.raises(SystemExit) as exit_, pytest.MonkeyPatch.context() as mp:

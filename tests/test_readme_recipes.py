@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 
 import pytest
 from conftest import free_port, lora_header, run_script
 from PIL import Image
-from readme import CPU_LAUNCH, place_model, project_copy
+from readme import CPU_LAUNCH, marked_command, place_model, project_copy
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,10 @@ TWO_MACHINES = (
     "127.0.0.1 --main_process_port 29500 train_text_to_image_lora.py --dataset_from_disk --dataset_disk_path "
     "datasets/Text2Image_example --max_train_steps 20 --output_dir output/two-machines"
 )
+DREAMBOOTH = marked_command("dreambooth")
 
 RUN_BY = {
+    DREAMBOOTH: "test_the_dreambooth_command",
     CAPTIONS: "test_the_gpu_workflow_runs_as_written_on_tiny_models",
     DATASET: "test_the_gpu_workflow_runs_as_written_on_tiny_models",
     RECIPE: "test_the_gpu_workflow_runs_as_written_on_tiny_models",
@@ -145,3 +148,19 @@ def test_several_processes_and_machines(copy_with_models):
     assert twin.returncode == 0, twin_err[-3000:]
     assert "total batch size (parallel x accumulation) = 32" in main.stderr
     assert (root / "output" / "two-machines" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_dreambooth_command(copy_with_models):
+    """A folder of photos without captions, class images drawn by the base model, both trained."""
+    root = copy_with_models
+    subject = root / "subject"
+    subject.mkdir()
+    for photo in sorted((root / "images").glob("*.png"))[:3]:
+        shutil.copy(photo, subject)
+    run = shell(DREAMBOOTH, root, env={"OMP_NUM_THREADS": "1"})
+    assert len(list((root / "class_images").glob("class_*.png"))) == 100
+    out = root / "output" / "sks-dog"
+    header = lora_header(out)
+    assert header["ss_num_reg_images"] == "100" and header["ss_prior_loss_weight"] == "1.0"
+    assert json.loads(header["ss_tag_frequency"])["subject"] == {"a photo of sks dog": 3}
+    assert "drew 100 class images" in run.stderr

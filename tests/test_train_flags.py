@@ -367,3 +367,20 @@ def test_images_without_a_caption_line_are_refused_unless_skipped(tmp_path, tiny
         train_from_folder(tiny_model, folder, tmp_path / "b", "--max_train_steps", "1", "--skip_invalid")
     )
     assert "uncaptioned.png: no line in" in skipped.stderr and "examples = 4" in skipped.stderr
+
+
+def test_cache_batch_size_and_image_column(tmp_path, ref, tiny_model, rich_dataset):
+    import datasets
+
+    renamed = tmp_path / "renamed"
+    datasets.load_from_disk(str(rich_dataset)).rename_column("image", "picture").save_to_disk(str(renamed))
+    out, events = traced(
+        tmp_path, "batches", tiny_model, renamed, *REF, "--image_column", "picture", "--cache_batch_size", "3"
+    )
+    # The sample images' buckets hold 1, 6 and 1 images: encoded in batches of at most 3, one bucket each.
+    assert sorted(e["size"] for e in events if e["event"] == "vae-batch") == [1, 1, 3, 3]
+    assert sorted(e["size"] for e in ref[1] if e["event"] == "vae-batch") == [1, 1, 6]  # the default, 8
+    assert lora_header(out)["ss_num_train_images"] == "8"
+    # The same pictures under another column name, batched otherwise: the same training within rounding.
+    a, b = lora_weights(out), lora_weights(ref[0])
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import LATEST, lora_header, lora_weights, same_weights, train
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from sdlora.checkpoints import list_checkpoints
 
@@ -64,6 +65,9 @@ def pipeline(tiny_model):
 
 def test_end_to_end_outputs(tmp_path, tiny_model, tiny_dataset, repo):
     out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"  # the repo's prompts, the second with kohya's per-prompt options
+    first, second = (repo / "validation_prompts.txt").read_text().splitlines()[:2]
+    prompts.write_text(f"{first}\n# a comment\n{second} --w 48 --h 32 --d 3 --l 5 --s 2 --n blurry\n")
     result = ok(
         train(
             tiny_model,
@@ -72,7 +76,7 @@ def test_end_to_end_outputs(tmp_path, tiny_model, tiny_dataset, repo):
             *("--max_train_steps", "12", "--checkpointing_steps", "4", "--checkpoints_total_limit", "2"),
             *(
                 "--validation_prompts_dir",
-                str(repo / "validation_prompts.txt"),
+                str(prompts),
                 "--num_validation_images",
                 "2",
             ),
@@ -118,8 +122,13 @@ def test_end_to_end_outputs(tmp_path, tiny_model, tiny_dataset, repo):
     # after epoch 2 (step 10) and at the end with the saved file (step 12).
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-10", "step-12"]
     for step in (10, 12):
-        pngs = sorted(p.name for p in (out / "validation" / f"step-{step}").glob("*.png"))
+        pngs = sorted((out / "validation" / f"step-{step}").glob("*.png"))
         assert len(pngs) == 4, pngs
+        sizes = {p.name.split("_")[0]: Image.open(p).size for p in pngs}
+        assert sizes == {
+            "00-a-red-circle-on-a-white-background": (64, 64),
+            "01-a-blue-square-in-a-night-sky": (48, 32),
+        }
 
     scalars, images = scalars_and_images(out / "logs")
     assert len(scalars["loss"]) == 12 and len(scalars["lr"]) == 12

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from .checks import config_errors
 from .flags import build_parser, flat_values, parse_config, read_config_file, resume_values, to_toml
-from .train import TrainConfig, config_errors
+from .train import TrainConfig
 
 __all__ = [
     "TrainConfig",

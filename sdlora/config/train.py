@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .flags import flag
+from .flow import FlowMatchingConfig
+from .levers import EMAConfig, LossConfig, NoiseConfig, OptimizerConfig, TimestepConfig
+from .subject import MaskConfig, PriorConfig
 
 LAYER_SETS = ("attn", "attn_ff", "all")
+NETWORK_TYPES = ("lora", "loha", "lokr")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -30,11 +34,14 @@ class ModelConfig:
     )
     revision: str | None = flag(None, "model revision on the Hub")
     variant: str | None = flag(None, "weights variant, e.g. fp16")
+    t5_max_length: int = flag(
+        77, "SD 3.5: T5 tokens per caption (the diffusers SD3 script's 77)", resume=True
+    )
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """adapter: what is trained (LoRA, LoCon, DoRA) and where"""
+    """adapter: what is trained (LoRA, LoCon, DoRA, LoHa, LoKr) and where"""
 
     rank: int = flag(4, "LoRA rank", resume=True)
     lora_alpha: float | None = flag(
@@ -59,9 +66,39 @@ class AdapterConfig:
     conv_alpha: float | None = flag(None, "alpha of the 3x3 convs (default: --conv_rank)", resume=True)
     use_dora: bool = flag(False, "weight-decomposed LoRA (DoRA, peft's use_dora)", resume=True)
     lora_dropout: float = flag(0.0, "dropout on the LoRA path", resume=True)
+    block_dims: tuple[int, ...] | None = flag(
+        None,
+        "kohya's per-block LoRA ranks: the down blocks, the middle one(s), the up blocks (0: none there)",
+        resume=True,
+    )
+    block_alphas: tuple[float, ...] | None = flag(
+        None, "per-block LoRA alphas, in --block_dims' order", resume=True
+    )
     train_text_encoder: bool = flag(
         False, "also train LoRA on the text encoder(s) (turns the text-embedding cache off)", resume=True
     )
+    network_type: str = flag(
+        "lora",
+        "lora; loha or lokr: LyCORIS's Hadamard / Kronecker-product adapters (peft's), saved in LyCORIS's "
+        "format (A1111, ComfyUI and kohya read it); they take --rank, --lora_alpha, --conv_rank, --conv_alpha",
+        choices=NETWORK_TYPES,
+        resume=True,
+    )
+    lokr_factor: int = flag(
+        -1,
+        "LoKr: size of the Kronecker product's small factor (LyCORIS's factor; -1: automatic)",
+        resume=True,
+    )
+    decompose_both: bool = flag(False, "LoKr: also decompose the small factor (LyCORIS's)", resume=True)
+    use_tucker: bool = flag(
+        False,
+        "LoHa/LoKr: Tucker-decompose the 3x3 convs (LyCORIS's; peft's use_effective_conv2d)",
+        resume=True,
+    )
+    rank_dropout: float = flag(
+        0.0, "LoHa/LoKr: drop each output row of the update with this chance", resume=True
+    )
+    module_dropout: float = flag(0.0, "LoHa/LoKr: skip each module's update with this chance", resume=True)
 
 
 @dataclass(frozen=True)
@@ -220,8 +257,14 @@ class OptimizationConfig:
 class ValidationConfig:
     """validation images"""
 
-    validation_prompt: str | None = flag(None, "a single validation prompt")
-    validation_prompts_dir: str | None = flag(None, "file with one validation prompt per line")
+    validation_prompt: str | None = flag(
+        None,
+        "a single validation prompt (kohya's options too: --n negative --w --h --d seed --l cfg --s steps)",
+    )
+    validation_prompts_dir: str | None = flag(
+        None,
+        "prompts file: one per line with kohya's options, or JSON / TOML (kohya's sample-prompt formats)",
+    )
     validation_negative_prompts_dir: str | None = flag(None, "file with one negative prompt per line")
     num_validation_images: int = flag(4, "images per prompt")
     validation_epochs: int = flag(1, "validate every N epochs")
@@ -299,90 +342,21 @@ class TrainConfig:
     model: ModelConfig
     adapter: AdapterConfig
     objective: ObjectiveConfig
+    loss: LossConfig
+    timesteps: TimestepConfig
+    noise: NoiseConfig
+    flow: FlowMatchingConfig
     data: DataConfig
+    prior: PriorConfig
+    masks: MaskConfig
     buckets: BucketConfig
     captions: CaptionConfig
     cache: CacheConfig
     speed: SpeedConfig
     optimization: OptimizationConfig
+    optimizer: OptimizerConfig
+    ema: EMAConfig
     validation: ValidationConfig
     heldout: HeldoutConfig
     checkpoints: CheckpointConfig
     outputs: OutputConfig
-
-
-def config_errors(cfg: TrainConfig) -> list[str]:
-    """What is wrong with a configuration, each as the message the user sees (flags named)."""
-    errors = []
-    data, opt, held = cfg.data, cfg.optimization, cfg.heldout
-    if not (data.dataset_from_disk or data.train_data_dir or data.dataset_name):
-        errors.append(
-            "no training data: pass --dataset_from_disk (with --dataset_disk_path), --train_data_dir or --dataset_name"
-        )
-    if cfg.validation.validation_prompt and cfg.validation.validation_prompts_dir:
-        errors.append("pass --validation_prompt or --validation_prompts_dir, not both")
-    if cfg.buckets.center_crop and cfg.buckets.random_crop:
-        errors.append("pass --center_crop or --random_crop, not both (neither: aspect-ratio buckets)")
-    at_least_one = {
-        "rank": cfg.adapter.rank,
-        "train_batch_size": opt.train_batch_size,
-        "num_train_epochs": opt.num_train_epochs,
-        "gradient_accumulation_steps": opt.gradient_accumulation_steps,
-        "checkpointing_steps": cfg.checkpoints.checkpointing_steps,
-        "logging_steps": cfg.outputs.logging_steps,
-        "cache_batch_size": cfg.cache.cache_batch_size,
-        "validation_epochs": cfg.validation.validation_epochs,
-        "num_validation_images": cfg.validation.num_validation_images,
-        "validation_steps": cfg.validation.validation_steps,
-        "checkpoints_total_limit": cfg.checkpoints.checkpoints_total_limit,
-        "conv_rank": cfg.adapter.conv_rank,
-        "max_train_steps": opt.max_train_steps,
-        "max_train_samples": data.max_train_samples,
-        "validation_loss_steps": held.validation_loss_steps,
-        "early_stopping_patience": held.early_stopping_patience,
-    }
-    errors += [f"--{name} must be at least 1" for name, v in at_least_one.items() if v is not None and v < 1]
-    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not 0 <= getattr(cfg.captions, name) < 1:
-            errors.append(f"--{name} must be in [0, 1)")
-    if not 0 <= cfg.adapter.lora_dropout < 1:
-        errors.append("--lora_dropout must be in [0, 1)")
-    held_out = [
-        f"--{n}"
-        for n in ("validation_split", "validation_data_dir", "validation_dataset_disk_path")
-        if getattr(held, n)
-    ]
-    if len(held_out) > 1:
-        errors.append(f"pass one of {', '.join(held_out)}, not several")
-    if held.early_stopping_patience is not None and not held_out:
-        errors.append(
-            "--early_stopping_patience needs a held-out set: pass --validation_split or --validation_data_dir"
-        )
-    if cfg.captions.keep_tokens < 0:
-        errors.append("--keep_tokens must be 0 or more")
-    if data.resolution is not None and (data.resolution < 8 or data.resolution % 8):
-        errors.append(
-            f"--resolution {data.resolution}: must be a positive multiple of 8 (the VAE's downsampling)"
-        )
-    errors += _bucket_errors(cfg.buckets)
-    return errors
-
-
-def _bucket_errors(buckets: BucketConfig) -> list[str]:
-    """kohya's rule: bucket sides are multiples of --bucket_reso_steps, so explicit bounds must be too."""
-    step = buckets.bucket_reso_steps
-    if step is not None and (step < 8 or step % 8):
-        return ["--bucket_reso_steps must be a multiple of 8 (the VAE's downsampling)"]
-    errors = []
-    for name in ("min_bucket_reso", "max_bucket_reso"):
-        value = getattr(buckets, name)
-        if value is None:
-            continue
-        if value < 8:
-            errors.append(f"--{name} {value}: must be positive")
-        elif step is not None and value % step:
-            errors.append(f"--{name} {value}: must be a multiple of --bucket_reso_steps {step}")
-    low, high = buckets.min_bucket_reso, buckets.max_bucket_reso
-    if low is not None and high is not None and low > high:
-        errors.append(f"--min_bucket_reso {low} is above --max_bucket_reso {high}")
-    return errors

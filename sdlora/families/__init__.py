@@ -1,4 +1,4 @@
-"""The Stable Diffusion families (SD 1.x, SD 2.x, SDXL), one object each, and the one detector that tells
+"""The Stable Diffusion families (SD 1.x, SD 2.x, SDXL, SD 3.5), one object each, and the one detector that tells
 a model folder's or a LoRA file's family by asking each family in turn (most specific first).
 
 A new family is a module here with a Family subclass, and an entry in FAMILIES."""
@@ -12,19 +12,24 @@ import torch
 from ..modelfiles import read_model_config
 from .base import SD1, Family, Geometry
 from .sd2 import SD2
+from .sd3 import SD3
 from .sdxl import SDXL, time_ids
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL, SD2, SD1)}  # detection order: most specific first
+# detection order: most specific first (SD 3.5 before SDXL: kohya names both text encoders lora_te1/te2)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD3, SDXL, SD2, SD1)}
 
 __all__ = [
     "FAMILIES",
     "SD1",
     "SD2",
+    "SD3",
     "SDXL",
     "Family",
     "Geometry",
     "detect_family",
+    "family_of_denoiser",
     "family_of_lora",
+    "family_of_pipeline",
     "time_ids",
 ]
 
@@ -47,6 +52,16 @@ def family_of_denoiser(config: dict) -> Family:
     return next(f for f in FAMILIES.values() if f.matches_model({}, config))
 
 
+def family_of_pipeline(pipe) -> Family:
+    """The family of a diffusers pipeline in memory, from its class and its denoiser's config."""
+    index = {"_class_name": type(pipe).__name__}
+    for family in FAMILIES.values():
+        denoiser = getattr(pipe, family.denoiser, None)
+        if denoiser is not None and family.matches_model(index, dict(denoiser.config)):
+            return family
+    return SD1
+
+
 def family_of_lora(
     header: dict[str, str], kohya_keys: list[str], parts: dict[str, dict[str, torch.Tensor]]
 ) -> Family | None:
@@ -56,6 +71,9 @@ def family_of_lora(
     for family in FAMILIES.values():
         if family.matches_kohya_keys(kohya_keys):
             return family
+    owners = [f for f in FAMILIES.values() if f.denoiser in parts]
+    if len(owners) == 1:  # a denoiser part only one family has (SD 3.5's transformer)
+        return owners[0]
     if "text_encoder_2" in parts:
         return SDXL
     for family in FAMILIES.values():

@@ -1,4 +1,4 @@
-"""`python -m sdlora.families MODEL` prints the model's family (sd1, sd2 or sdxl): for the launcher."""
+"""`python -m sdlora.families MODEL` prints the model's family (sd1, sd2, sdxl or sd3): for the launcher."""
 
 from __future__ import annotations
 

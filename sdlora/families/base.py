@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kohya import SD_NAMES, KohyaNames, SgmLayout
+from ..kohya import SD_NAMES, KohyaFormatError, KohyaNames, SgmLayout, sgm_path
 from ..modelfiles import read_model_config
 
 # The UNet's attention projections: what the diffusers example trains.
@@ -82,7 +82,9 @@ class Family:
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline component names
     text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)  # transformers classes, in the same order
     tokenizers: tuple[str, ...] = ("tokenizer",)
+    tokenizer_classes: tuple[str, ...] = ("CLIPTokenizer",)  # transformers classes of the tokenizers
     denoiser = "unet"  # the pipeline component LoRA trains (and the LoRA files' part name)
+    noise_scheduler_class = "DDPMScheduler"  # the training noise schedule read from the model's scheduler/
     text_outputs: tuple[str, ...] = (
         "prompt_embeds",
     )  # what encode_prompts returns: the text cache's tensors
@@ -112,6 +114,24 @@ class Family:
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel.from_pretrained(model, subfolder=self.denoiser, **kwargs)
+
+    @property
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders --train_text_encoder adapts (SD 3.5 leaves T5 frozen)."""
+        return self.text_encoders
+
+    def load_tokenizers(self, model: str, revision: str | None = None, t5_max_length: int | None = None):
+        """The tokenizers, in `tokenizers` order (t5_max_length: T5's tokens per caption, where there is one)."""
+        import transformers
+
+        return [
+            getattr(transformers, cls).from_pretrained(model, subfolder=sub, revision=revision)
+            for sub, cls in zip(self.tokenizers, self.tokenizer_classes)
+        ]
+
+    def prediction_type(self, scheduler, requested: str | None = None) -> str:
+        """What the denoiser predicts: --prediction_type if given, else what the model's scheduler says."""
+        return requested or scheduler.config.prediction_type
 
     def load_text_encoders(self, model: str, **kwargs) -> list[torch.nn.Module]:
         import transformers
@@ -155,6 +175,10 @@ class Family:
         """The denoiser's prediction for noisy latents at `timesteps`."""
         return model(noisy, timesteps, **inputs, return_dict=False)[0]
 
+    def lora_scale_kwargs(self, scale: float) -> dict:
+        """The pipeline call's arguments that scale a loaded LoRA by `scale`."""
+        return {"cross_attention_kwargs": {"scale": scale}}
+
     # --- LoRA -----------------------------------------------------------------------------------------
 
     def lora_targets(self, denoiser: torch.nn.Module, layers: str) -> list[str]:
@@ -169,6 +193,33 @@ class Family:
         """The UNet block layout kohya's names follow (SDXL's SGM numbering), or None (diffusers paths)."""
         return None
 
+    # kohya's block weights (--down_lr_weight, --mid_lr_weight, --up_lr_weight, --block_dims) count the UNet's
+    # blocks as SGM's input_blocks, middle_block and output_blocks number them: IN00-IN11, M00, OUT00-OUT11
+    # for SD 1.x/2.x (the middle as one), IN00-IN08, M00-M02, OUT00-OUT08 for SDXL.
+    mid_blocks = 1
+
+    def lora_block(self, module: str, denoiser_config) -> tuple[str, int] | None:
+        """("down" | "mid" | "up", index) of a denoiser module among kohya's blocks; None outside them."""
+        try:
+            path = sgm_path(module, SgmLayout.from_unet_config(denoiser_config))
+        except KohyaFormatError:
+            return None
+        if m := re.match(r"(input|output)_blocks\.(\d+)\.", path):
+            return ("down" if m[1] == "input" else "up"), int(m[2])
+        if m := re.match(r"middle_block\.(\d+)\.", path):
+            return "mid", int(m[1]) if self.mid_blocks > 1 else 0
+        return None
+
+    def block_counts(self, denoiser_config) -> tuple[int, int, int]:
+        """How many (down, mid, up) blocks kohya's block weights give values for, for this denoiser."""
+        levels, layers = len(denoiser_config["down_block_types"]), SgmLayout.from_unet_config(denoiser_config)
+        span = layers.layers_per_block + 1  # a level's ResNets (with their attention) and its sampler
+        return (
+            levels * span,
+            self.mid_blocks,
+            levels * span,
+        )  # (input block 0 is conv_in; the last level has no downsampler)
+
     # --- names other tools use ------------------------------------------------------------------------
 
     def base_model_version(self, prediction_type: str) -> str:
@@ -179,8 +230,9 @@ class Family:
         """The SAI model spec's `modelspec.architecture` of a LoRA for this family."""
         return "stable-diffusion-v1/lora"
 
-    def kohya_metadata(self, prediction_type: str) -> dict[str, str]:
-        """The header keys that name the base model, as kohya's trainers write them."""
+    def kohya_metadata(self, prediction_type: str, denoiser_config: dict | None = None) -> dict[str, str]:
+        """The header keys that name the base model, as kohya's trainers write them (SD 3.5's name the
+        variant its transformer's config says)."""
         return {
             "ss_base_model_version": self.base_model_version(prediction_type),
             "ss_v2": "False",

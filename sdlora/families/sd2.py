@@ -18,7 +18,7 @@ class SD2Family(Family):
             return "stable-diffusion-v2-768-v/lora"
         return "stable-diffusion-v2-512/lora"
 
-    def kohya_metadata(self, prediction_type: str) -> dict[str, str]:
+    def kohya_metadata(self, prediction_type: str, denoiser_config: dict | None = None) -> dict[str, str]:
         return {**super().kohya_metadata(prediction_type), "ss_v2": "True"}
 
     def matches_model(self, index: dict, denoiser_config: dict) -> bool:

@@ -35,10 +35,12 @@ class SDXLFamily(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
     tokenizers = ("tokenizer", "tokenizer_2")
+    tokenizer_classes = ("CLIPTokenizer", "CLIPTokenizer")
     text_outputs = ("prompt_embeds", "pooled")
     vae_fp16_safe = False  # hence the fp16-fixed VAE users pass with --pretrained_vae_model_name_or_path
     kohya_names = SDXL_NAMES
     version_prefix, architecture_prefix, cross_attention_dim = "sdxl", "stable-diffusion-xl", 2048
+    mid_blocks = 3  # kohya counts SDXL's middle_block.0-2 apart
 
     @property
     def pipeline_kwargs(self) -> dict:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import scale_latents
-from ..caption_controls import options
 from ..families import SD1, Geometry
 from .split import probe_crop, probe_noise
 
@@ -182,7 +181,7 @@ class LossProbes:
     def _examples(self, name: str, text_encoders) -> list[ProbeExample]:
         probe, family = self.sets[name], self.base.family
         images = probe.images
-        captions = [images.controls.decorate(str(options(images.raw_captions[i])[0])) for i in probe.indices]
+        captions = [images.decorated(i) for i in probe.indices]
         with torch.no_grad():
             text = family.encode_prompts(self.base.tokenizers, text_encoders, captions, self.device)
         geometry = [

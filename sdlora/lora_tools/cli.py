@@ -133,6 +133,16 @@ def _weighted(item: str) -> tuple[str, float]:
         return item, 1.0
 
 
+def _only_lora(path, weights, command: str):
+    """The weights of a LoRA; UserError for a LoHa/LoKr, whose factors are no low-rank pair to take SVDs of."""
+    if weights.network != "lora":
+        raise UserError(
+            f"{path}: a {weights.adapter_type()}: {command} works on LoRA's low-rank factors only "
+            "(info, convert and fuse take LoHa/LoKr files)"
+        )
+    return weights
+
+
 def run_info(args) -> None:
     path = find_lora_file(args.file)
     print(describe(read_lora(path), path, file_format(path)))
@@ -147,7 +157,7 @@ def run_resize(args) -> None:
     path = find_lora_file(args.file)
     fmt = args.to or default_format(path)
     output = output_path(args.output, fmt, args.overwrite)
-    weights = read_lora(path)
+    weights = _only_lora(path, read_lora(path), "resize")
     top = max(weights.rank(p, m) for p in weights.parts for m in weights.modules(p))
     if args.rank is not None and args.rank > top:
         raise UserError(
@@ -169,7 +179,7 @@ def run_merge(args) -> None:
     paths = [find_lora_file(name) for name, _ in weighted]
     fmt = args.to or default_format(paths[0])
     output = output_path(args.output, fmt, args.overwrite)
-    loras = [(str(path), read_lora(path), weight) for path, (_, weight) in zip(paths, weighted)]
+    loras = [(str(p), _only_lora(p, read_lora(p), "merge"), w) for p, (_, w) in zip(paths, weighted)]
     print(f"wrote {WRITERS[fmt](merge_weights(loras, args.rank, args.device), output)}")
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 from ..errors import UserError
 from ..families import detect_family
 from ..fileio import atomic_directory
-from ..generation import inference_scheduler, lora_prediction_type
+from ..generation import inference_scheduler, lora_prediction_type, lora_zero_terminal_snr
 from ..layout import LORA_WEIGHT_NAME
 from ..lora_files import check_family, check_fits, find_lora_file, read_lora
 from ..lora_weights import write_diffusers
+from ..lycoris import load_into_pipeline
 from ..models import resolve_model
 
 
@@ -63,13 +64,17 @@ def fuse(
     pipe = load_base_pipeline(model)
     check_fits(weights, pipe, str(lora))
     with tempfile.TemporaryDirectory() as tmp, _quiet_loading():
-        write_diffusers(weights, Path(tmp) / LORA_WEIGHT_NAME)
-        pipe.load_lora_weights(tmp, adapter_name="fused")
+        if weights.network == "lora":
+            write_diffusers(weights, Path(tmp) / LORA_WEIGHT_NAME)
+            pipe.load_lora_weights(tmp, adapter_name="fused")
+        else:  # LoHa/LoKr: peft's layers (diffusers loads LoRA only); fuse_lora merges any peft layer
+            load_into_pipeline(pipe, weights.parts, weights.alphas, "fused")
         pipe.fuse_lora(lora_scale=scale, adapter_names=["fused"])
         pipe.unload_lora_weights()
     # A v-prediction LoRA of an epsilon base (or the reverse) predicts v: the saved model must sample it so.
-    if prediction_type := lora_prediction_type(lora_file):
-        pipe.scheduler = inference_scheduler(model, prediction_type)
+    prediction_type, zero_snr = lora_prediction_type(lora_file), lora_zero_terminal_snr(lora_file)
+    if prediction_type or zero_snr:
+        pipe.scheduler = inference_scheduler(model, prediction_type, zero_terminal_snr=zero_snr)
     with atomic_directory(output, overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return output

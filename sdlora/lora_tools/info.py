@@ -6,7 +6,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ..kohya import is_conv3, kohya_module_name
+from ..kohya import kohya_module_name
 from ..lora_weights import LoraWeights
 
 _FORMAT_NAMES = {
@@ -14,9 +14,9 @@ _FORMAT_NAMES = {
     "kohya": "kohya/A1111",
     "attn-procs": "old diffusers attn-procs",
 }
-# The block a module belongs to, in diffusers' and in kohya's SGM (SDXL) names.
+# The block a module belongs to, in diffusers' and in kohya's SGM (SDXL) names (SD 3.5: its transformer blocks).
 _BLOCK = re.compile(
-    r"^((down|up|input|output)_blocks\.\d+|mid_block|middle_block\.\d+|text_model\.encoder\.layers\.\d+|[^.]+)"
+    r"^((down|up|input|output|transformer)_blocks\.\d+|mid_block|middle_block\.\d+|text_model\.encoder\.layers\.\d+|[^.]+)"
 )
 
 
@@ -34,7 +34,10 @@ def _size(n: int) -> str:
 
 
 def _numbers(values) -> str:
-    return "/".join(f"{v:g}" for v in sorted(set(values), reverse=True))
+    """Ranks or alphas, largest first; a rank of None is a LoKr's full-matrix factors ("full")."""
+    values = list(values)
+    numbers = "/".join(f"{v:g}" for v in sorted({v for v in values if v is not None}, reverse=True))
+    return "/".join(filter(None, [numbers, "full" if None in values else ""]))
 
 
 def block_of(weights: LoraWeights, part: str, module: str, fmt: str) -> str:
@@ -58,7 +61,7 @@ def describe(weights: LoraWeights, path: Path, fmt: str) -> str:
     ]
     counts = []
     for part in weights.parts:
-        convs = sum(is_conv3(weights.down(part, m)) for m in weights.modules(part))
+        convs = sum(weights.is_conv(part, m) for m in weights.modules(part))
         counts.append(f"{part} {len(weights.modules(part))}" + (f" ({convs} spatial convs)" if convs else ""))
     lines.append(f"modules:    {', '.join(counts)}")
     lines.append("rank / alpha by block (convs after ';'):")
@@ -80,7 +83,7 @@ def describe(weights: LoraWeights, path: Path, fmt: str) -> str:
 def _rank_alpha(weights: LoraWeights, part: str, modules: list[str]) -> str:
     texts = []
     for convs in (False, True):
-        chosen = [m for m in modules if is_conv3(weights.down(part, m)) == convs]
+        chosen = [m for m in modules if weights.is_conv(part, m) == convs]
         if chosen:
             ranks = _numbers(weights.rank(part, m) for m in chosen)
             texts.append(f"rank {ranks} alpha {_numbers(weights.alphas[part][m] for m in chosen)}")

@@ -26,18 +26,6 @@ def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def check_8bit_adam() -> None:
-    """Fail before any model loads if bitsandbytes' 8-bit AdamW cannot be used."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from bitsandbytes.optim import AdamW8bit  # noqa: F401
-    except Exception as e:  # ImportError, or a CUDA setup error raised at import
-        raise UserError(
-            f"--use_8bit_adam needs bitsandbytes, which cannot be used here ({type(e).__name__}: {e}); "
-            "run `pip install bitsandbytes` or drop --use_8bit_adam"
-        ) from None
-
-
 def check_xformers() -> None:
     try:
         import xformers  # noqa: F401

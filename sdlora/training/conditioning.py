@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import scale_latents
+from ..data.masks import latent_mask
 from ..families import Geometry
 
 
@@ -29,6 +30,15 @@ class Conditioning:
         return scale_latents(
             sample, vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
         ).float()
+
+    def masks(self, batch: dict, size: tuple[int, int]) -> torch.Tensor | None:
+        """The batch's masks at the latents' `size` (B, 1, h, w), or None in a run without --masked_loss:
+        cached with the latents, else the pictures' own averaged down (data.masks.latent_mask)."""
+        if self.latent_cache is not None:
+            return self.latent_cache.masks(batch["index"], batch["flip"], self.device)
+        if "mask" not in batch:
+            return None
+        return latent_mask(batch["mask"].to(self.device, non_blocking=True), tuple(size))
 
     def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:

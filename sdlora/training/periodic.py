@@ -62,7 +62,7 @@ class Periodic:
                 f"resume with --resume_from_checkpoint latest (saved {self.run.last_checkpoint})"
             )
         if step.number != self.total and self.validation_due(step):  # the final one uses the saved file
-            with self.clock.phase("validation"):
+            with self.clock.phase("validation"), self.run.exported():
                 self.validate(step.number)  # (in eval mode; every module's own mode is restored after)
         return False
 
@@ -86,6 +86,15 @@ class Periodic:
             "loss": self.accelerator.reduce(loss, "mean").item(),
             "lr": self.run.lr_scheduler.get_last_lr()[0],
         }
+        # Prior preservation's two parts (diffusers logs them as one): the mean loss of the instance and of
+        # the class images since the last log, over every process.
+        for part, (total, count) in sorted(self.run.loss_parts.items()):
+            pair = torch.stack([torch.as_tensor(total, dtype=torch.float32, device=loss.device),
+                                torch.tensor(float(count), device=loss.device)])  # fmt: skip
+            total, count = self.accelerator.reduce(pair, "sum").tolist()
+            if count:  # a bucket's batches may hold one part only (kohya's pairing, data.plan)
+                logs[f"loss/{part}"] = total / count
+        self.run.loss_parts.clear()
         self.bar.set_postfix(step=step.number, **logs)
         self.accelerator.log(logs, step=step.number)
 
@@ -107,7 +116,7 @@ class Periodic:
         check_finite(self.bad_step, self.run.last_checkpoint)
         run, accelerator = self.run, self.accelerator
         base = run.conditioning.base
-        with accelerator.autocast():
+        with accelerator.autocast(), run.exported():  # (the EMA's weights, with --use_ema)
             losses = run.probes.evaluate(base.denoiser, base.text_encoders)
         val, train_loss = mean_loss(losses["val"]), mean_loss(losses["train"])
         improved = run.tracker.update(step.number, val)  # every process: they all decide to stop together
@@ -138,7 +147,7 @@ class Periodic:
             run.last_checkpoint = save_checkpoint(
                 self.output_dir,
                 step.number,
-                lambda folder: run.write_lora(folder, step.number, step.epoch + 1),
+                lambda folder: run.write_checkpoint_files(folder, step.number, step.epoch + 1),
                 run.params,
                 run.optimizer,
                 run.lr_scheduler,

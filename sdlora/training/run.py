@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,10 +13,17 @@ import torch
 from ..checkpoints import check_resume, load_checkpoint, read_state, resolve_resume
 from ..errors import UserError
 from ..heldout import BestTracker, LossProbes, truncate_csv
-from ..layout import CSV_FILE, EarlierRun
+from ..layout import CSV_FILE, EMA_FILE, EarlierRun
 from ..lora import add_adapters, lora_parameters, save_lora_files
 from .conditioning import Conditioning
-from .optimization import apply_hyperparameters, make_lr_scheduler, make_optimizer, param_groups
+from .ema import LoraEMA, exported
+from .optimization import (
+    apply_hyperparameters,
+    learning_rates,
+    make_lr_scheduler,
+    make_optimizer,
+    param_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +40,14 @@ class Run:
     lr_scheduler: object
     objective: object  # objectives.DiffusionObjective
     conditioning: Conditioning
-    write_lora: Callable[
-        [Path, int, int], object
-    ]  # (folder, step, epoch): both LoRA files with their metadata
+    describe: Callable[[int, int], dict]  # (step, epoch): the LoRA files' metadata as of that step
     compat: dict  # the settings a resume must match (training.settings.resume_settings)
     group_lrs: list[float]  # this run's learning rate of each parameter group
     dtype: torch.dtype
     steps: list  # data.Step: every step of the run for this process
+    ema: LoraEMA | None = None  # --use_ema
+    # The loss of each part (instance, prior) since the last log: (sum on the device, examples); step.py adds.
+    loss_parts: dict[str, tuple] = field(default_factory=dict)
     probes: LossProbes | None = None
     tracker: BestTracker | None = None
     first_step: int = 0  # steps done before this process started (a resumed checkpoint's)
@@ -54,8 +63,37 @@ class Run:
         return self.steps[self.first_step :]
 
     def advance(self, step) -> None:
-        """Record that `step` (data.Step) is done."""
+        """Record that `step` (data.Step) is done, after the optimizer step (and the EMA's update)."""
+        if self.ema is not None:
+            self.ema.step(step.number)
         self.last_step, self.epoch = step.number, step.epoch + 1
+
+    @property
+    def exports_other_weights(self) -> bool:
+        """Whether the saved LoRA differs from the weights as trained (an EMA, schedule-free's average)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return self.ema is not None or callable(getattr(inner, "eval", None))
+
+    def exported(self):
+        """The exported weights swapped into the models for a block (validation, held-out loss, saving)."""
+        return (
+            exported(self.ema, self.optimizer, self.params)
+            if self.exports_other_weights
+            else contextlib.nullcontext()
+        )
+
+    def write_lora(self, folder: Path, step: int, epoch: int) -> None:
+        """The LoRA files as of `step` (the exported weights, and the raw ones beside them when they differ),
+        and the EMA's state in checkpoints: the one writer of checkpoints, best/ and the final outputs."""
+        exporting = self.exported if self.exports_other_weights else None
+        save_lora_files(self.adapted, self.family, folder, self.describe(step, epoch), exporting)
+
+    def write_checkpoint_files(self, folder: Path, step: int, epoch: int) -> None:
+        self.write_lora(folder, step, epoch)
+        if self.ema is not None:
+            from safetensors.torch import save_file
+
+            save_file(self.ema.state_dict(), str(folder / EMA_FILE))
 
     def saved(self, is_main_process: bool) -> None:
         """This run has written something of its own: what an earlier run left can go now."""
@@ -64,43 +102,67 @@ class Run:
 
 
 def make_run(
-    opt, speed, accelerator, base, settings, images, caches, objective, describe, compat: dict, steps, dtype
+    opt,
+    optimizer_cfg,
+    ema_cfg,
+    speed,
+    accelerator,
+    base,
+    settings,
+    images,
+    caches,
+    objective,
+    describe,
+    compat,
+    steps,
+    dtype,
 ) -> Run:
-    """Adapters, optimizer, schedule, conditioning and the LoRA writer of a new run (opt and speed:
-    config.train's OptimizationConfig and SpeedConfig; settings: training.settings.RunSettings;
-    describe(step, epoch): the files' metadata as of a step)."""
+    """Adapters, optimizer, schedule, EMA and conditioning of a new run (opt, optimizer_cfg, ema_cfg and
+    speed: config.train's OptimizationConfig, OptimizerConfig, EMAConfig and SpeedConfig; settings:
+    training.settings.RunSettings; describe(step, epoch): the files' metadata as of a step)."""
     models = add_adapters(base, settings.adapter, opt.seed)
-    schedule = settings.schedule
-    groups = param_groups(models, base.family.denoiser, schedule.unet_lr, schedule.text_encoder_lr)
-    optimizer = make_optimizer(groups, opt, accelerator.device)
+    family, denoiser = base.family, base.denoiser
+    rates = learning_rates(
+        settings.schedule, optimizer_cfg, family.denoiser, lambda m: family.lora_block(m, denoiser.config)
+    )
+    groups = param_groups(models, rates)
+    optimizer = make_optimizer(groups, opt, optimizer_cfg, accelerator.device)
+    if callable(
+        getattr(optimizer, "train", None)
+    ):  # schedule-free starts in train mode, and leaves it to save
+        optimizer.train()
     lr_scheduler = make_lr_scheduler(
-        optimizer, opt.lr_scheduler, opt.lr_warmup_steps, schedule.max_train_steps
+        optimizer, opt.lr_scheduler, opt.lr_warmup_steps, settings.schedule.max_train_steps
     )
     # The schedule is not prepared: accelerate would step it once per process; it is stepped once per step.
     *modules, optimizer = accelerator.prepare(*models.values(), optimizer)
     prepared = dict(zip(models, modules))
     if speed.torch_compile:
-        denoiser = base.family.denoiser
-        prepared[denoiser] = torch.compile(prepared[denoiser], backend=speed.torch_compile_backend)
-    encoders = [prepared.get(n, e) for n, e in zip(base.family.text_encoders, base.text_encoders)]
-
-    def write_lora(folder: Path, step: int, epoch: int) -> None:
-        save_lora_files(models, base.family, folder, describe(step, epoch))
-
+        prepared[family.denoiser] = torch.compile(
+            prepared[family.denoiser], backend=speed.torch_compile_backend
+        )
+    encoders = [prepared.get(n, e) for n, e in zip(family.text_encoders, base.text_encoders)]
+    params = [p for m in models.values() for p in lora_parameters(m)]
+    ema = (
+        LoraEMA(params, ema_cfg.ema_decay, ema_cfg.ema_update_interval, ema_cfg.ema_on_cpu)
+        if ema_cfg.use_ema
+        else None
+    )
     return Run(
-        base.family,
+        family,
         models,
         prepared,
-        [p for m in models.values() for p in lora_parameters(m)],
+        params,
         optimizer,
         lr_scheduler,
         objective,
         Conditioning(base, images, *caches, encoders, accelerator.device, dtype),
-        write_lora,
+        describe,
         compat,
         [g["lr"] for g in groups],
         dtype,
         steps,
+        ema,
     )
 
 
@@ -118,6 +180,10 @@ def restore(run: Run, checkpoint: Path | None, differing: list[str], accelerator
     if checkpoint is None:
         return {}
     state = load_checkpoint(checkpoint, run.adapted, run.optimizer, run.lr_scheduler, accelerator.scaler)
+    if run.ema is not None:
+        from safetensors.torch import load_file
+
+        run.ema.load_state_dict(load_file(str(checkpoint / EMA_FILE)))
     if set(differing) & OPTIMIZER_SETTINGS:
         apply_hyperparameters(run.optimizer, run.lr_scheduler, run.group_lrs, opt)
     run.first_step = run.last_step = state["global_step"]

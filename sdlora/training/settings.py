@@ -13,6 +13,7 @@ from ..config.train import TrainConfig
 from ..data import Schedule
 from ..families import Family
 from ..lora import AdapterSpec
+from ..objectives import PREDICTION_TYPES
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,14 @@ class RunSettings:
     model: str  # the model folder or Hub id (the built-in tiny model resolved to its folder)
     family: Family
     resolution: int  # --resolution, or the model's native size
-    prediction_type: str  # --prediction_type, or the scheduler's
+    prediction_type: str  # --prediction_type, or the scheduler's (flow_matching: SD 3.5)
     buckets: BucketSettings
     adapter: AdapterSpec
     mixed_precision: str  # accelerate's resolved setting
     num_processes: int
     hub_model_id: str | None = None
     schedule: Schedule | None = None  # known once the batches are planned
+    denoiser_config: dict | None = None  # what the LoRA files' header says of the base (SD 3.5's variant)
 
 
 def resolved_config(cfg: TrainConfig, settings: RunSettings) -> TrainConfig:
@@ -43,7 +45,10 @@ def resolved_config(cfg: TrainConfig, settings: RunSettings) -> TrainConfig:
         cfg,
         model=replace(cfg.model, pretrained_model_name_or_path=settings.model),
         adapter=replace(cfg.adapter, lora_alpha=settings.adapter.alpha),
-        objective=replace(cfg.objective, prediction_type=settings.prediction_type),
+        # (a flow-matching model's prediction type is its family's, not a --prediction_type choice)
+        objective=replace(cfg.objective, prediction_type=settings.prediction_type)
+        if settings.prediction_type in PREDICTION_TYPES
+        else cfg.objective,
         data=replace(cfg.data, resolution=settings.resolution),
         buckets=replace(
             cfg.buckets, bucket_reso_steps=b.step, min_bucket_reso=b.min_reso, max_bucket_reso=b.max_reso
@@ -55,7 +60,7 @@ def resolved_config(cfg: TrainConfig, settings: RunSettings) -> TrainConfig:
 
 
 def resume_settings(
-    resolved: TrainConfig, dataset: str, examples: int, captions: str, num_processes: int
+    resolved: TrainConfig, dataset: str, examples: int, captions: str, num_processes: int, subsets=None
 ) -> dict:
     """The settings a resumed run must share with its checkpoint: every flag marked resume=True (resolved),
     and what was derived from the data and the launch. 07cb97d's checkpoints recorded some of these under
@@ -72,6 +77,8 @@ def resume_settings(
         captions=captions,
         num_processes=num_processes,
     )
+    if subsets is not None:  # (data.pictures.TrainImages.layout: repeats, roles, captions, masks, limits)
+        values["subsets"] = subsets
     return values
 
 
@@ -99,10 +106,11 @@ def derive_settings(cfg, base, accelerator, hub_model_id: str | None) -> RunSett
         base.name,
         base.family,
         resolution,
-        cfg.objective.prediction_type or base.noise_scheduler.config.prediction_type,
+        base.family.prediction_type(base.noise_scheduler, cfg.objective.prediction_type),
         buckets,
         AdapterSpec.from_config(cfg.adapter),
         accelerator.mixed_precision,
         accelerator.num_processes,
         hub_model_id,
+        denoiser_config=dict(base.denoiser.config),
     )

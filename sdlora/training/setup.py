@@ -8,16 +8,11 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from ..buckets import bucket_table
 from ..caption_controls import CaptionControls
 from ..data import (
     Augment,
     BatchPlan,
-    DatasetSource,
     TrainImages,
-    check_captions,
-    check_images,
-    load_train_dataset,
 )
 from ..fileio import check_writable
 from ..heldout import (
@@ -28,9 +23,8 @@ from ..heldout import (
     split_examples,
     train_probe_indices,
 )
-from ..images import parse_color, report_problems
+from ..images import parse_color
 from ..models import load_base_model, place_frozen_model, resolve_model, set_memory_options
-from .settings import RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +47,11 @@ def load_model(model, speed, train_text_encoder: bool, device, dtype):
     config.train.ModelConfig, speed: SpeedConfig)."""
     vae = model.pretrained_vae_model_name_or_path
     base = load_base_model(
-        resolve_model(model.pretrained_model_name_or_path), model.revision, model.variant, vae
+        resolve_model(model.pretrained_model_name_or_path),
+        model.revision,
+        model.variant,
+        vae,
+        model.t5_max_length,
     )
     place_frozen_model(base, device, dtype, base.family.vae_fp16_safe or bool(vae))
     set_memory_options(
@@ -84,58 +82,34 @@ def augmentation(data, seed: int) -> Augment:
     return Augment(seed, data.random_flip, data.image_interpolation_mode, parse_color(data.background))
 
 
-def load_images(
-    source: DatasetSource, augment: Augment, controls: CaptionControls, settings: RunSettings, tokenizer
-) -> tuple[object, TrainImages]:
-    """A dataset and its per-example view: every image checked (all unusable ones named together, and
-    refused unless --skip_invalid) and placed in its bucket; warnings and the bucket table logged."""
-    dataset = load_train_dataset(source)
-    images = TrainImages(dataset, source.image_column, dataset[source.caption_column], augment, controls)
-    upscales = settings.buckets.mode != "bucket" or not settings.buckets.no_upscale
-    warnings, problems, bad = check_images(images, settings.resolution, upscales)
-    hint = "fix or remove them, pass --skip_invalid to train on the rest, or rebuild with create_dataset.py --skip_invalid"
-    report_problems(
-        problems, f"training images cannot be used (listed above); {hint}", fatal=not source.skip_invalid
-    )
-    if bad:  # (the sizes were read for the usable images only, in order)
-        sizes, skipped = images.sizes, set(bad)
-        dataset = dataset.select([i for i in range(len(dataset)) if i not in skipped])
-        images = TrainImages(dataset, source.image_column, dataset[source.caption_column], augment, controls)
-        images.sizes = sizes
-        logger.warning(
-            "--skip_invalid: training on %d images without the %d listed above", len(dataset), len(bad)
-        )
-    images.place(settings.buckets)
-    warnings += check_captions([controls.decorate(str(c)) for c in images.raw_captions], tokenizer)
-    for line in warnings:
-        logger.warning(line)
-    logger.info("buckets (resolution: images, mean aspect error):")
-    for (w, h), n, err in bucket_table(images.placements):
-        logger.info("  %dx%d: %d, %.1f%%", w, h, n, 100 * err)
-    return dataset, images
-
-
-def cache_blockers(random_crop: bool, train_text_encoder: bool, controls: CaptionControls):
+def cache_blockers(random_crop: bool, train_text_encoder: bool, images: TrainImages):
     """(why the latents, why the text embeddings cannot be cached), None where they can."""
     latents = "random crops (--random_crop) differ every epoch" if random_crop else None
     text = (
         "the text encoder is trained (--train_text_encoder)"
         if train_text_encoder
         else "--shuffle_caption / --caption_tag_dropout_rate change captions every epoch (under 2% of a step)"
-        if controls.varies_per_epoch
+        if images.varies_per_epoch
         else None
     )
     return latents, text
 
 
-def preprocessing(augment: Augment, buckets) -> dict:
-    """Every setting a training picture depends on: what keys the latent cache."""
-    return {
+def preprocessing(images: TrainImages, buckets) -> dict:
+    """Every setting a training picture (and its mask) depends on: what keys the latent cache."""
+    augment = images.augment
+    settings = {
         "buckets": asdict(buckets),
         "flip": augment.random_flip,
         "interpolation": augment.interpolation,
         "background": augment.background,
     }
+    # (a plain run's key stays what it was before masks and subsets existed: its caches are reused)
+    if images.masked:
+        settings["masks"] = [g.masks.fingerprint() if g.masks else None for g in images.groups]
+    if any(g.buckets for g in images.groups):
+        settings["subset_buckets"] = [dict(g.buckets) for g in images.groups]
+    return settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +122,16 @@ class HeldoutSplit:
 
 
 def split_heldout(heldout, seed: int, images: TrainImages, separate: TrainImages | None) -> HeldoutSplit:
-    """--validation_split holds images of the training set out (heldout: config.train.HeldoutConfig);
-    --validation_data_dir or --validation_dataset_disk_path name a `separate` set, loaded by the caller."""
+    """--validation_split holds instance images of the training set out (heldout: config.train.HeldoutConfig;
+    class images never); --validation_data_dir or --validation_dataset_disk_path name a `separate` set,
+    loaded by the caller."""
+    instances = [i for i in range(len(images)) if not images.group(i).is_reg]
     if heldout.validation_split:
-        train, held = split_examples(len(images), heldout.validation_split, seed)
-        return HeldoutSplit(train, images, held)
-    everything = list(range(len(images)))
+        train, held = split_examples(len(instances), heldout.validation_split, seed)
+        return HeldoutSplit([instances[i] for i in train], images, [instances[i] for i in held])
     if separate is None:
-        return HeldoutSplit(everything, None, [])
-    return HeldoutSplit(everything, separate, list(range(len(separate))))
+        return HeldoutSplit(instances, None, [])
+    return HeldoutSplit(instances, separate, list(range(len(separate))))
 
 
 def make_probes(
@@ -179,7 +154,17 @@ def make_probes(
 
 
 def plan_batches(opt, images: TrainImages, train: list[int]) -> BatchPlan:
-    """The batch plan of the training images (opt: config.train.OptimizationConfig): their buckets, batch
-    size, accumulation, seed."""
-    buckets = [images.placements[i].bucket for i in train]
-    return BatchPlan(train, buckets, opt.train_batch_size, opt.gradient_accumulation_steps, opt.seed)
+    """The batch plan of the training images (opt: config.train.OptimizationConfig): their buckets and
+    repeats, the class images beside them, batch size, accumulation, seed."""
+    reg = tuple(i for i in range(len(images)) if images.group(i).is_reg)
+    repeats = tuple(images.group(i).repeats for i in train)
+    return BatchPlan(
+        train,
+        [images.placements[i].bucket for i in train],
+        opt.train_batch_size,
+        opt.gradient_accumulation_steps,
+        opt.seed,
+        repeats if any(r > 1 for r in repeats) else None,
+        reg,
+        tuple(images.placements[i].bucket for i in reg),
+    )

@@ -27,7 +27,8 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 
 def train_step(run, step, batches, accelerator, seed: int, max_grad_norm: float) -> torch.Tensor:
     """One optimizer step over the step's micro-batches (run: training.run.Run); returns the mean loss, still
-    on the device. Gradients are all-reduced on the last micro-batch only."""
+    on the device (and adds each part's, instance and class images', to run.loss_parts). Gradients are
+    all-reduced on the last micro-batch only."""
     loss_sum = torch.zeros((), device=accelerator.device)
     family, denoiser = run.family, run.models[run.family.denoiser]
     for micro in range(len(step.micro_batches)):
@@ -44,9 +45,8 @@ def train_step(run, step, batches, accelerator, seed: int, max_grad_norm: float)
                     stack.enter_context(accelerator.no_sync(model))
             stack.enter_context(accelerator.autocast())
             latents, inputs = run.conditioning.latents(batch, gen), run.conditioning.denoiser_inputs(batch)
-            loss = run.objective.training_loss(
-                lambda x, t, inputs=inputs: family.denoise(denoiser, x.to(run.dtype), t, inputs), latents, gen
-            )
+            denoise = lambda x, t, inputs=inputs: family.denoise(denoiser, x.to(run.dtype), t, inputs)  # noqa: E731
+            loss = example_loss(run, batch, denoise, latents, gen)
             accelerator.backward(loss / len(step.micro_batches))
         loss_sum += loss.detach() / len(step.micro_batches)
     accelerator.clip_grad_norm_(run.params, max_grad_norm)
@@ -54,3 +54,24 @@ def train_step(run, step, batches, accelerator, seed: int, max_grad_norm: float)
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_sum
+
+
+def example_loss(run, batch: dict, denoise, latents: torch.Tensor, generator) -> torch.Tensor:
+    """The micro-batch's loss: the objective's mean; in a run with class images or masks, the mean of each
+    example's (masked) loss times its weight (--prior_loss_weight for class images: kohya's weighting,
+    which the diffusers scripts' instance + weight x prior equals up to a factor 2 when the halves are equal),
+    each part's sum noted for the log. The path is the run's, not the batch's: every process logs alike."""
+    images = run.conditioning.images
+    if not (images.masked or images.has_reg):
+        return run.objective.training_loss(denoise, latents, generator)
+    masks = run.conditioning.masks(batch, latents.shape[-2:])
+    per_example = run.objective.training_losses(denoise, latents, generator, masks)  # (B,)
+    if images.has_reg:
+        detached, reg = per_example.detach(), batch["reg"]
+        for part, chosen in (("instance", ~reg), ("prior", reg)):
+            total, count = run.loss_parts.get(part, (0.0, 0))
+            run.loss_parts[part] = (
+                total + detached[chosen.to(detached.device)].sum(),
+                count + int(chosen.sum()),
+            )
+    return (per_example * batch["weight"].to(latents.device)).mean()
