@@ -9,14 +9,16 @@ import torch
 
 from .errors import UserError
 from .families import Family, detect_family
-from .tiny_model import TINY_MODEL_NAMES, ensure_tiny_model
+from .tiny_model import TINY_MODEL_NAMES, TINY_SHAPES_DIR, ensure_tiny_model
 
 
 def resolve_model(name_or_path: str | None) -> str:
-    """The model to use: a built-in tiny model (built on first use) for none, "tiny", "tiny-sd2" or
-    "tiny-sdxl"; otherwise the Hub id or folder as given, checked to be a diffusers folder if local."""
+    """The model to use: a built-in tiny model (built on first use) for none, "tiny", "tiny-sd2",
+    "tiny-sdxl" or "tiny-sd3"; the committed pretrained one for "tiny-shapes"; otherwise the Hub id or folder as given, checked to be a diffusers folder if local."""
     if name_or_path in (None, ""):
         name_or_path = "tiny"
+    if name_or_path == "tiny-shapes" and not Path(name_or_path).exists():
+        return str(TINY_SHAPES_DIR)
     if name_or_path in TINY_MODEL_NAMES and not Path(name_or_path).exists():
         return str(ensure_tiny_model(family=TINY_MODEL_NAMES[name_or_path]))
     path = Path(name_or_path)
@@ -51,7 +53,7 @@ class BaseModel:
     tokenizers: list
     text_encoders: list[torch.nn.Module]
     vae: torch.nn.Module
-    denoiser: torch.nn.Module  # the UNet of SD 1.x/2.x/XL
+    denoiser: torch.nn.Module  # the UNet of SD 1.x/2.x/XL, SD 3.5's transformer
     noise_scheduler: object
     vae_dtype: torch.dtype | None = field(
         default=None
@@ -81,17 +83,24 @@ class BaseModel:
 
 
 def load_base_model(
-    model: str, revision: str | None = None, variant: str | None = None, vae: str | None = None
+    model: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+    t5_max_length: int | None = None,
 ) -> BaseModel:
-    """Load tokenizers, text encoders, VAE (or `vae`, another folder or Hub id), denoiser and a DDPM noise
-    scheduler, all frozen and in eval mode."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    """Load tokenizers, text encoders, VAE (or `vae`, another folder or Hub id), denoiser and the family's
+    training noise scheduler (DDPM; flow matching for SD 3.5), all frozen and in eval mode;
+    t5_max_length: T5's tokens per caption (SD 3.5)."""
+    import diffusers
+    from diffusers import AutoencoderKL
 
     family = detect_family(model, revision)
     kw = {"revision": revision, "variant": variant}
     try:
-        noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-        tokenizers = [load_tokenizer(model, revision, sub) for sub in family.tokenizers]
+        scheduler_class = getattr(diffusers, family.noise_scheduler_class)
+        noise_scheduler = scheduler_class.from_pretrained(model, subfolder="scheduler", revision=revision)
+        tokenizers = family.load_tokenizers(model, revision, t5_max_length)
         text_encoders = family.load_text_encoders(model, **kw)
         autoencoder = (
             AutoencoderKL.from_pretrained(vae, revision=revision)

@@ -10,7 +10,11 @@ conditioning), small enough that a training step takes a fraction of a second on
     python -m sdlora.tiny_model --family sdxl --output_dir models/tiny-sdxl
 
 Scripts build them on first use under models/ (git-ignored): `tiny` (or no model) is the SD 1.x one,
-`tiny-sd2` and `tiny-sdxl` the others.
+`tiny-sd2` and `tiny-sdxl` the others. `tiny-shapes` is the one pretrained tiny model, committed under
+sdlora/assets/ (sdlora/pretrain_shapes.py made it): an SD 1.x-shaped model that draws the shapes world
+of sdlora/shapes.py, for demos and tests of what a LoRA learns.
+
+    python -m sdlora.tiny_model --pretrained --output_dir models/tiny-shapes   # a copy of it
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ from pathlib import Path
 
 import torch
 
+from .tiny_sd3 import build_tiny_sd3
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # Where each family's tiny model is built on first use (git-ignored), by family name.
-TINY_MODEL_DIRS = {"sd1": "tiny-sd", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
+TINY_MODEL_DIRS = {"sd1": "tiny-sd", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3"}
+
+
+# The committed pretrained model (python -m sdlora.pretrain_shapes); scripts read it where it is.
+TINY_SHAPES_DIR = Path(__file__).resolve().parent / "assets" / "tiny-shapes"
 
 
 def default_tiny_model_dir(family: str = "sd1") -> Path:
@@ -38,9 +48,15 @@ def default_tiny_model_dir(family: str = "sd1") -> Path:
 TINY_RESOLUTION = 64  # native size: UNet sample_size 8 x VAE scale factor 8
 TINY_SD2_RESOLUTION = 96  # 1.5x SD 1.x's, as SD 2.x-768 is to SD 1.5
 TINY_SDXL_RESOLUTION = 128  # 2x SD 1.x's, as SDXL's 1024 is to 512
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3")  # sd3: sdlora/tiny_sd3.py
 # The name a script resolves to each built-in tiny model, and where it is built on first use.
-TINY_MODEL_NAMES = {"tiny": "sd1", "tiny-sd": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+TINY_MODEL_NAMES = {
+    "tiny": "sd1",
+    "tiny-sd": "sd1",
+    "tiny-sd2": "sd2",
+    "tiny-sdxl": "sdxl",
+    "tiny-sd3": "sd3",
+}
 
 # Words the tokenizer knows whole; anything else falls back to characters, as CLIP's BPE would.
 _WORDS = """a an the of on in with and at by to from under over near behind front small big large tiny
@@ -145,7 +161,12 @@ def build_tiny_pipeline(seed: int = 0, family: str = "sd1"):
     """Build a tiny pipeline of `family` in memory; the same seed gives the same weights."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: use one of {', '.join(FAMILIES)}")
-    return {"sd1": _build_sd1, "sd2": _build_sd2, "sdxl": _build_sdxl}[family](seed)
+    builders = {"sd1": _build_sd1, "sd2": _build_sd2, "sdxl": _build_sdxl, "sd3": _build_sd3}
+    return builders[family](seed)
+
+
+def _build_sd3(seed: int):
+    return build_tiny_sd3(seed, _tiny_tokenizer, _tiny_clip_config)
 
 
 def _build_sd1(seed: int):
@@ -294,16 +315,44 @@ def ensure_tiny_model(path: str | Path | None = None, family: str = "sd1") -> Pa
     return path
 
 
+def copy_tiny_shapes(output_dir: str | Path) -> Path:
+    """A copy of the committed tiny-shapes model at `output_dir`, written atomically."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        shutil.copytree(TINY_SHAPES_DIR, tmp, dirs_exist_ok=True)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build a built-in tiny Stable Diffusion model.")
     parser.add_argument(
-        "--family", choices=FAMILIES, default="sd1", help="sd1 (SD 1.x), sd2 (SD 2.x, v-prediction) or sdxl"
+        "--family",
+        choices=FAMILIES,
+        default="sd1",
+        help="sd1 (SD 1.x), sd2 (SD 2.x, v-prediction), sdxl or sd3 (SD 3.5)",
     )
     parser.add_argument(
-        "--output_dir", default=None, help="where to save it (default: models/tiny-sd, tiny-sd2 or tiny-sdxl)"
+        "--output_dir",
+        default=None,
+        help="where to save it (default: models/tiny-sd, tiny-sd2, tiny-sdxl or tiny-sd3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="copy tiny-shapes instead, the pretrained SD 1.x-shaped model that draws shapes "
+        "(default --output_dir: models/tiny-shapes)",
+    )
     args = parser.parse_args()
+    if args.pretrained:
+        print(copy_tiny_shapes(args.output_dir or REPO_ROOT / "models" / "tiny-shapes"))
+        return
     print(save_tiny_model(args.output_dir or default_tiny_model_dir(args.family), args.seed, args.family))
 
 
