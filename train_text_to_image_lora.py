@@ -1,4 +1,4 @@
-"""Train a LoRA on a Stable Diffusion model (SD 1.x, 2.x, SDXL). Flag names follow the diffusers example script.
+"""Train a LoRA on a Stable Diffusion model (SD 1.x, 2.x, SDXL, SD 3.5). Flag names follow the diffusers example script.
 
     accelerate launch --quiet --cpu train_text_to_image_lora.py --dataset_from_disk \
         --dataset_disk_path datasets/Text2Image_example --max_train_steps 50 --output_dir output/tiny-lora

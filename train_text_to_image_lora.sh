@@ -5,11 +5,12 @@
 #   FAMILY=sdxl bash train_text_to_image_lora.sh     # the same demo on the tiny SDXL (FAMILY=sd2: the tiny SD 2.x)
 #   MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 bash train_text_to_image_lora.sh   # the original recipe on a GPU
 #   MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 VAE_NAME=madebyollin/sdxl-vae-fp16-fix bash train_text_to_image_lora.sh
-#   RECIPE=my-recipe.toml bash train_text_to_image_lora.sh   # any recipe file (recipes/ holds the four above)
+#   MODEL_NAME=stabilityai/stable-diffusion-3.5-medium bash train_text_to_image_lora.sh   # SD 3.5, bf16
+#   RECIPE=my-recipe.toml bash train_text_to_image_lora.sh   # any recipe file (recipes/ holds the five above)
 set -eu
 
 MODEL_NAME="${MODEL_NAME:-}"
-FAMILY="${FAMILY:-}"  # sd1, sd2 or sdxl; read from the model when MODEL_NAME is set
+FAMILY="${FAMILY:-}"  # sd1, sd2, sdxl or sd3; read from the model when MODEL_NAME is set
 VAE_NAME="${VAE_NAME:-}"  # SDXL: an fp16-safe VAE; without it SDXL's own VAE encodes in fp32 (once, cached)
 IMAGES_DIR="${IMAGES_DIR:-images}"
 CAPTIONS_FILE="${CAPTIONS_FILE:-image_captions.json}"
@@ -46,6 +47,7 @@ else
   case "$FAMILY" in
     sdxl) RECIPE="${RECIPE:-recipes/sdxl.toml}" ;;
     sd2) RECIPE="${RECIPE:-recipes/sd21.toml}" ;;
+    sd3) RECIPE="${RECIPE:-recipes/sd35.toml}" ;;
     *) RECIPE="${RECIPE:-recipes/sd15.toml}" ;;
   esac
   MODEL_FLAGS="--pretrained_model_name_or_path $MODEL_NAME ${VAE_NAME:+--pretrained_vae_model_name_or_path $VAE_NAME}"

@@ -1,4 +1,4 @@
-"""The built-in tiny models: Stable-Diffusion-shaped pipelines (SD 1.x, SD 2.x, SDXL) with random weights.
+"""The built-in tiny models: Stable-Diffusion-shaped pipelines (SD 1.x, SD 2.x, SDXL, SD 3.5) with random weights.
 
 No weights can be downloaded on the machines this project is developed and tested on, so it builds
 its own models from configs, with the interfaces of each family (VAE with 8x downsampling, 4 latent

@@ -40,15 +40,20 @@ RUN_BY = {
 
 def test_every_readme_command_is_run_by_a_test():
     from test_readme_recipes import RUN_BY as RECIPES
+    from test_sd3_training import RUN_BY as SD35
 
-    listed = {**RUN_BY, **RECIPES}
+    listed = {**RUN_BY, **RECIPES, **SD35}
     commands = readme_commands()
     assert len(commands) == len(set(commands))
     assert set(commands) == set(listed), (
         f"README commands no test runs: {sorted(set(commands) - set(listed))}; "
         f"listed but not in the README: {sorted(set(listed) - set(commands))}"
     )
-    tests = {name for module in ("test_readme", "test_readme_recipes") for name in dir(sys.modules[module])}
+    tests = {
+        name
+        for module in ("test_readme", "test_readme_recipes", "test_sd3_training")
+        for name in dir(sys.modules[module])
+    }
     assert set(listed.values()) <= tests
 
 

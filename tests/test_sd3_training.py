@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 # The README's SD 3.5 command ("Real use"), run on the tiny SD 3.5 placed at that Hub id.
-SD35 = f"MODEL_NAME={SD35_MEDIUM} RECIPE=recipes/sd35.toml DATASET_DIR=datasets/my_style bash train_text_to_image_lora.sh"
+SD35 = f"MODEL_NAME={SD35_MEDIUM} DATASET_DIR=datasets/my_style bash train_text_to_image_lora.sh"
 RUN_BY = {SD35: "test_the_readme_sd35_recipe_runs_as_written"}
 QUICK = ("--max_train_steps", "4", "--checkpointing_steps", "2")
 VALIDATE = (
@@ -245,7 +245,7 @@ def test_the_readme_sd35_recipe_runs_as_written(tmp_path, tiny_sd3):
 
     root = project_copy(tmp_path)
     place_model(tiny_sd3, root, SD35_MEDIUM)
-    # Flags after the recipe win: 2 steps, and 2 sampling steps for the final validation images.
+    # The launcher picks recipes/sd35.toml for the family; flags after the recipe win: 2 steps, and 2 sampling steps for the final validation images.
     short = "--max_train_steps 2 --checkpointing_steps 2 --num_validation_images 1 --validation_num_inference_steps 2"
     result = run_script(["bash", "-c", f"{SD35} {short}"], cwd=root, env={"LAUNCH": CPU_LAUNCH}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
