@@ -32,11 +32,58 @@ from sdlora.tiny_model import TINY_SHAPES_DIR  # noqa: E402
 TRAIN_SEED, EVAL_SEED = 1, 2  # demo pictures to train on; new colour pairs and places to prompt with
 
 
-def train_lora(args, data_dir: Path, output_dir: Path) -> float:
+def training_data(args, work: Path) -> list[str]:
+    """The trainer's data flags. The in-distribution pictures are ordinary training data (--reg_mode data),
+    or a kohya is_reg subset beside the shape's (--reg_mode is_reg: prior preservation, one class picture
+    per instance picture each epoch, its loss weighted by --prior_loss_weight)."""
+    pairs = demo_set(args.shape, args.num_images, args.regularisation, TRAIN_SEED)
+    separate = args.reg_mode == "is_reg" and args.regularisation
+    data = write_image_folder(work / "data", pairs if not separate else pairs[: args.num_images])
+    flags = ["--train_data_dir", str(data)]
+    if args.busy_background:
+        busy_backgrounds(data, pairs[: args.num_images], work / "masks")
+        if "--masked_loss" in args.extra:
+            flags += ["--mask_dir", str(work / "masks")]
+    if separate:
+        reg = write_image_folder(work / "reg", pairs[args.num_images :])
+        config = work / "dataset.toml"
+        masks = f'\nmask_dir = "{work / "masks"}"' if "--mask_dir" in flags else ""
+        subsets = [f'image_dir = "{data}"{masks}', f'image_dir = "{reg}"\nis_reg = true']
+        config.write_text("".join(f"[[subsets]]\n{s}\n\n" for s in subsets))
+        flags = ["--dataset_config", str(config)]
+    return flags
+
+
+def busy_backgrounds(folder: Path, pairs: list, masks: Path, block: int = 8) -> None:
+    """Paint over the background of the shape's pictures (the first len(pairs) in `folder`) with random
+    blocks of the palette's colours, and write each shape's mask (white = the shape) under `masks`: a
+    subject photographed against clutter its captions do not mention."""
+    import numpy as np
+    from PIL import Image
+
+    from sdlora.shapes import COLOURS, PALETTE
+
+    rng = np.random.default_rng(7)
+    masks.mkdir(parents=True, exist_ok=True)
+    names = sorted(p for p in folder.glob("*.png"))[: len(pairs)]
+    for path, (scene, _) in zip(names, pairs):
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+        far = np.linalg.norm(pixels - np.array(PALETTE[scene.background], np.float32), axis=-1) > 60
+        blocks = rng.integers(len(COLOURS), size=(pixels.shape[0] // block, pixels.shape[1] // block))
+        clutter = np.array([PALETTE[COLOURS[i]] for i in blocks.ravel()], np.float32)
+        clutter = clutter.reshape(*blocks.shape, 3).repeat(block, 0).repeat(block, 1)
+        busy = np.where(far[..., None], pixels, clutter)
+        Image.fromarray(busy.astype(np.uint8)).save(path)
+        Image.fromarray((far * 255).astype(np.uint8), "L").save(masks / path.name)
+    for path in sorted(folder.glob("*.png"))[len(pairs) :]:  # the in-distribution pictures: learn all of them
+        Image.new("L", Image.open(path).size, 255).save(masks / path.name)
+
+
+def train_lora(args, data: list[str], output_dir: Path) -> float:
     """Run the trainer; return its wall time in seconds."""
     command = [
         sys.executable, str(REPO / "train_text_to_image_lora.py"),
-        "--pretrained_model_name_or_path", str(args.model), "--train_data_dir", str(data_dir),
+        "--pretrained_model_name_or_path", str(args.model), *data,
         "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", str(args.train_batch_size),
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
         "--rank", str(args.rank), "--lora_layers", args.lora_layers, "--report_to", "none",
@@ -56,10 +103,27 @@ def measure(pipe, shape: str, count: int) -> dict:
     return {
         "concept": shape_rate(predict(drawn["images"]), shape),
         "concept_colour": drawn["colour"],
+        "concept_background": drawn["background"],
         "retention_shape": kept["shape"],
         "retention_colour": kept["colour"],
         "retention_background": kept["background"],
     }
+
+
+def picture(base, tuned, shape: str, path: Path, count: int = 8) -> None:
+    """A PNG of `count` trigger prompts: the base model's pictures above, the LoRA's below (same seeds)."""
+    from PIL import Image
+
+    prompts = [caption(s, TRIGGER) for s in demo_scenes(shape, count, EVAL_SEED)]
+    rows = [
+        sample_and_score(pipe, prompts, guidance_scale=GUIDANCE_SCALE)["images"] for pipe in (base, tuned)
+    ]
+    size = rows[0][0].width
+    grid = Image.new("RGB", (size * count, size * 2), "white")
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            grid.paste(image, (c * size, r * size))
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -69,11 +133,10 @@ def main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="shapes-lora-"))
-    pairs = demo_set(args.shape, args.num_images, args.regularisation, TRAIN_SEED)
-    data_dir = write_image_folder(work / "data", pairs)
+    data = training_data(args, work)
     base, _ = load_pipeline(str(args.model))
     before = measure(base, args.shape, args.eval_samples) if not args.skip_before else {}
-    seconds = train_lora(args, data_dir, work / "lora")
+    seconds = train_lora(args, data, work / "lora")
     tuned, _ = load_pipeline(str(args.model), work / "lora")
     after = measure(tuned, args.shape, args.eval_samples)
     result = {"settings": {k: v for k, v in vars(args).items() if k != "extra"} | {"extra": args.extra},
@@ -83,6 +146,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"{key:22}{before.get(key, float('nan')):8.3f}{after[key]:8.3f}")
     print(f"training: {args.max_train_steps} steps in {seconds:.1f} s on {args.threads} thread(s)")
     (work / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.picture:
+        picture(base, tuned, args.shape, Path(args.picture))
+        print(args.picture)
     print(work / "result.json")
 
 
@@ -94,6 +160,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--regularisation", type=int, default=32, help="in-distribution pictures trained on beside them"
     )
+    p.add_argument(
+        "--reg_mode",
+        choices=["data", "is_reg"],
+        default="data",
+        help="the in-distribution pictures as ordinary data, or as a prior-preservation (is_reg) subset",
+    )
+    p.add_argument(
+        "--busy_background",
+        action="store_true",
+        help="clutter the shape's pictures' backgrounds and write their masks (--mask_dir; add -- --masked_loss)",
+    )
     p.add_argument("--max_train_steps", type=int, default=300, help="LoRA training steps")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
@@ -104,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_samples", type=int, default=48, help="samples per score")
     p.add_argument("--skip_before", action="store_true", help="score only the LoRA, not the base")
     p.add_argument("--work_dir", default=None, help="folder for data, LoRA and result (default: a temp dir)")
+    p.add_argument(
+        "--picture", default=None, help="also write a PNG: the base's trigger pictures over the LoRA's"
+    )
     p.add_argument("extra", nargs="*", help="more trainer flags, after --")
     return p.parse_args(argv)
 

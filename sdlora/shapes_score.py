@@ -40,6 +40,12 @@ _PALETTE = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # (8, 3)
 # background is taken for the shape.
 _FOREGROUND_DISTANCE = 90.0
 _MIN_FOREGROUND_PIXELS = 12  # fewer than this: no shape drawn
+# A picture of the world is one shape of one colour on a plain background. The classifier alone takes any
+# foreground for one of its six shapes (a LoRA's scattered blobs read as stars: the first learning
+# benchmark's concept rates were inflated so), so pictures that are not clean have no shape:
+_MIN_PLAIN_BORDER = 0.8  # of the border pixels near the background colour
+_MIN_LARGEST_PART = 0.85  # of the foreground in its largest 8-connected part
+_MIN_ONE_COLOUR = 0.5  # of the foreground near its median colour
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,44 @@ def _nearest_colour(rgb: np.ndarray, exclude: int | None = None) -> int:
     if exclude is not None:
         distances[exclude] = np.inf
     return int(distances.argmin())
+
+
+def _largest_part(mask: np.ndarray) -> int:
+    """Pixels in the largest 8-connected part of a boolean mask."""
+    seen = np.zeros_like(mask)
+    largest = 0
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        stack, size = [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        largest = max(largest, size)
+    return largest
+
+
+def is_clean(image: np.ndarray) -> bool:
+    """One shape of one colour on a plain background (a float (64, 64, 3) image in 0..255)."""
+    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3)])
+    border = np.concatenate([border, image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    if (np.linalg.norm(border - bg_rgb, axis=-1) <= _FOREGROUND_DISTANCE).mean() < _MIN_PLAIN_BORDER:
+        return False
+    far = np.linalg.norm(image - bg_rgb, axis=-1) > _FOREGROUND_DISTANCE
+    if far.sum() < _MIN_FOREGROUND_PIXELS:
+        return True  # nothing drawn: measure_colours says so
+    fg = image[far]
+    if (np.linalg.norm(fg - np.median(fg, axis=0), axis=-1) <= _FOREGROUND_DISTANCE).mean() < _MIN_ONE_COLOUR:
+        return False
+    return _largest_part(far) >= _MIN_LARGEST_PART * far.sum()
 
 
 def measure_colours(image: np.ndarray) -> tuple[int, int | None, np.ndarray]:
@@ -111,14 +155,19 @@ def to_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def predict(images: list) -> list[Prediction]:
-    """What each image (PIL or (64, 64, 3) array) shows."""
-    measured = [measure_colours(to_array(image)) for image in images]
+    """What each image (PIL or (64, 64, 3) array) shows: no shape for a picture that is not clean."""
+    arrays = [to_array(image) for image in images]
+    measured = [measure_colours(a) for a in arrays]
     masks = torch.from_numpy(np.stack([m for _, _, m in measured]))[:, None]  # (N, 1, 64, 64)
     with torch.no_grad():
         shapes = load_classifier()(masks).argmax(dim=1).tolist()
     return [
-        Prediction(SHAPES[s] if c is not None else None, COLOURS[c] if c is not None else None, COLOURS[b])
-        for (b, c, _), s in zip(measured, shapes)
+        Prediction(
+            SHAPES[s] if c is not None and is_clean(a) else None,
+            COLOURS[c] if c is not None else None,
+            COLOURS[b],
+        )
+        for (b, c, _), s, a in zip(measured, shapes, arrays)
     ]
 
 

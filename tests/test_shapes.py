@@ -74,6 +74,15 @@ def test_scorer_fails_pictures_that_do_not_match():
     assert all(result[k] < 0.5 for k in ("shape", "colour", "background")), result
     blank = predict([np.full((64, 64, 3), 128, np.uint8)])[0]
     assert blank.shape is None and blank.colour is None
+    # Not one clean shape: two shapes side by side, clutter around a shape, a shape of scattered colours.
+    renders = render_array(scenes(3, 2, SHAPES)).astype(np.float32)
+    pair = renders[0].copy()
+    pair[:, 32:] = np.roll(renders[0], 32, axis=1)[:, 32:]
+    clutter = renders[1].copy()
+    clutter[:8] = np.random.default_rng(0).integers(0, 255, size=(8, 64, 3))
+    spotted = renders[1].copy()
+    spotted[::3, ::3] = 255 - spotted[::3, ::3]
+    assert [p.shape for p in predict([renders[0], pair, clutter, spotted])][1:] == [None, None, None]
 
 
 def test_demo_folder_is_a_training_imagefolder(tmp_path):
