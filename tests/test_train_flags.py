@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -281,6 +282,11 @@ def test_every_header_key_the_lora_files_promise(ref):
     assert {k: header.get(k) for k in expected} == expected
     assert header["ss_sd_model_name"].endswith("tiny-sd")
     assert float(header["ss_training_started_at"]) <= float(header["ss_training_finished_at"])
+    # modelspec.date: ISO 8601 local time of the save, within the run (SAI's model spec)
+    saved = time.mktime(time.strptime(header["modelspec.date"], "%Y-%m-%dT%H:%M:%S"))
+    assert (
+        float(header["ss_training_started_at"]) - 1 <= saved <= float(header["ss_training_finished_at"]) + 1
+    )
     buckets = json.loads(header["ss_bucket_info"])
     assert buckets["buckets"] == {
         "0": {"resolution": [48, 80], "count": 1},
