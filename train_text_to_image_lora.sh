@@ -33,11 +33,10 @@ if [ -z "$MODEL_NAME" ]; then
     *) echo "error: FAMILY=$FAMILY: use sd1, sd2 or sdxl" >&2; exit 2 ;;
   esac
   RECIPE="${RECIPE:-recipes/tiny.toml}"
-  # The cores not busy with other work (sdlora/cpu.py), and OpenMP threads that sleep instead of spinning
-  # while they wait: more threads than free cores made a step 25x slower on a busy machine
-  # (bench/bench_threads.py, docs/benchmarks.md).
+  # One thread per core not busy with other work (sdlora/cpu.py): every core beside one competing process
+  # made a tiny step 3.6x slower, the free cores 0.9x (bench/bench_threads.py, docs/benchmarks.md).
+  # OpenMP's default wait is kept: OMP_WAIT_POLICY=PASSIVE made the quiet step 2.8x slower.
   THREADS="${OMP_NUM_THREADS:-$("$PYTHON" -m sdlora.cpu)}"
-  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
   LAUNCH="${LAUNCH:---cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $THREADS}"
   MODEL_FLAGS="--pretrained_model_name_or_path $MODEL"
 else

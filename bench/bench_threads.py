@@ -31,7 +31,8 @@ def settings(cores: int) -> dict[str, dict[str, str]]:
             "OMP_NUM_THREADS": str(cores),
             "OMP_WAIT_POLICY": "PASSIVE",
         },
-        "free cores (sdlora.cpu), PASSIVE: the launcher's": {"OMP_WAIT_POLICY": "PASSIVE", "FREE": "1"},
+        "free cores (sdlora.cpu), PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "FREE": "1"},
+        "free cores (sdlora.cpu), default wait: the launcher's": {"FREE": "1"},
         "1 thread": {"OMP_NUM_THREADS": "1"},
     }
 
@@ -87,7 +88,8 @@ def main() -> None:
     examples, problems = pair_examples(
         root / "images", read_captions_json(root / "image_captions.json"), "captions"
     )
-    dataset = str(build_dataset(examples, root / "dataset", known_problems=problems))
+    build_dataset(examples, root / "dataset", known_problems=problems)
+    dataset = str(root / "dataset")
     cores = usable_cores()
     rows = {}
     for busy in (False, True):
