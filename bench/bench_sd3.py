@@ -1,7 +1,7 @@
 """SD 3.5 training-step benchmark: SD 3.5 Medium's architecture (random weights), plain against cached.
 
     python bench/bench_sd3.py --suite tiny    # seconds: the tiny SD 3.5's shapes, to check the script
-    python bench/bench_sd3.py --suite cpu     # SD 3.5 Medium at 512 px in bf16 on this CPU (about 30 min, 17 GB)
+    python bench/bench_sd3.py --suite cpu     # SD 3.5 Medium at 512 px in bf16 on a CPU (17 GB; over 25 min a row without AMX)
     python bench/bench_sd3.py --suite gpu     # on a CUDA machine: SD 3.5 Medium at 1024, bf16, batch 1,
                                               # with and without gradient checkpointing, peak VRAM
 
