@@ -4,40 +4,20 @@ DDIM with zero terminal SNR, v-prediction and trailing timesteps."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from .shapes import SIZE, vocabulary
+from .tiny_model import write_clip_tokenizer_files
 
 MAX_TOKENS = 16  # BOS + the longest caption's 9 words + EOS, with room to spare
 
 
 def write_tokenizer_files(folder: Path, words: list[str]) -> None:
-    """vocab.json and merges.txt of a CLIP BPE tokenizer that knows `words` whole (one token each) and
-    spells anything else in byte-level characters, as tiny_model.write_clip_tokenizer_files does."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's, which CLIP's BPE shares
-
-    alphabet = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in alphabet + [c + "</w>" for c in alphabet]:
-        vocab.setdefault(token, len(vocab))
-    merges: list[str] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            if f"{merged} {piece}" not in merges:
-                merges.append(f"{merged} {piece}")
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    """vocab.json and merges.txt of a CLIP BPE tokenizer that knows the shapes world's `words`."""
+    write_clip_tokenizer_files(folder, words)
 
 
 def build_tokenizer():

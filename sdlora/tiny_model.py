@@ -82,14 +82,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, (chr(c) for c in chars)))
 
 
-def write_clip_tokenizer_files(folder: Path) -> int:
-    """Write vocab.json and merges.txt for a small CLIP BPE tokenizer; return the vocabulary size."""
+def write_clip_tokenizer_files(folder: Path, words: list[str] | None = None) -> int:
+    """Write vocab.json and merges.txt for a small CLIP BPE tokenizer that knows `words` (default: the tiny
+    models' words) and spells anything else in byte-level characters; return the vocabulary size."""
     alphabet = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for token in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(token, len(vocab))
     merges: list[str] = []
-    for word in _WORDS:
+    for word in _WORDS if words is None else words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         merged = pieces[0]
         for piece in pieces[1:]:
