@@ -51,3 +51,21 @@ def held_out_rates(pipe, count: int, steps: int = 20, guidance_scale: float = GU
 def eval_prompts(count: int, seed: int = HELD_OUT_SEED) -> list[str]:
     """Captions of new in-distribution scenes: never trained on."""
     return [caption(s) for s in scenes(seed, count)]
+
+
+@torch.no_grad()
+def vae_ceiling(vae, shape: str, count: int = 64, seed: int = HELD_OUT_SEED) -> float:
+    """How often the VAE's reconstruction of a render of `shape` is still a clean `shape` to the scorer:
+    the most a LoRA of the UNet alone can reach (it can only ask the decoder for latents)."""
+    import numpy as np
+
+    from .shapes import render_array
+    from .shapes_score import predict, shape_rate
+
+    x = (
+        torch.from_numpy(render_array(demo_scenes(shape, count, seed))).permute(0, 3, 1, 2).float() / 127.5
+        - 1
+    )
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    decoded = ((y + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return shape_rate(predict(list(decoded)), shape)

@@ -60,6 +60,11 @@ RUN_BY = {
 }
 
 
+# The recipes run with their own flags as written, their 500 steps cut to 20 (appended, so the later
+# --max_train_steps wins).
+SHORT = "--max_train_steps 20 --checkpointing_steps 20 --validation_epochs 5"
+
+
 def shell(command: str, root, env: dict | None = None, timeout: int = 900):
     result = run_script(["bash", "-c", command], cwd=root, env=env, timeout=timeout)
     assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
@@ -90,23 +95,24 @@ def test_the_gpu_workflow_runs_as_written_on_tiny_models(copy_with_models):
     captions = json.loads((root / "image_captions.json").read_text())
     assert len(captions) == 8 and all(captions.values())
     shell(DATASET, root)
-    # The original recipe, exactly: 500 steps of batch 1 x 8 with 8-bit Adam and a checkpoint at 500.
-    train = shell(RECIPE, root, env={"LAUNCH": CPU_LAUNCH})
+    # The original recipe with its own flags (batch 1 x 8, 8-bit Adam, lr 1e-4), its 500 steps cut to 20 as
+    # the other families' below (its 500 steps took 4 of the suite's minutes and test nothing 20 do not).
+    train = shell(f"{RECIPE} {SHORT}", root, env={"LAUNCH": CPU_LAUNCH})
     out = root / "output" / "stable-diffusion-v1-5-lora"
-    assert "total optimization steps = 500" in train.stderr
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-500"]
-    assert lora_header(out)["ss_steps"] == "500"
+    assert "total optimization steps = 20" in train.stderr
+    args = json.loads((out / "args.json").read_text())
+    assert (
+        args["use_8bit_adam"] and args["gradient_accumulation_steps"] == 8 and args["train_batch_size"] == 1
+    )
+    assert args["learning_rate"] == 1e-4 and args["report_to"] == "tensorboard"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20"]
+    assert lora_header(out)["ss_steps"] == "20"
     shell(GENERATE, root)
     pngs = sorted((root / "results").rglob("image_*.png"))
     assert len(pngs) == 8 and all(Image.open(p).size == (64, 64) for p in pngs)  # 2 prompts x 4 images
     shell(BLIP, root)
     captions = json.loads((root / "image_captions.json").read_text())
     assert len(captions) == 8  # resumed: captions already there are kept
-
-
-# The SD 2.1 and SDXL recipes run with their own flags as written, with 500 steps cut to 20 (appended, so the
-# later --max_train_steps wins): the SD 1.5 recipe above runs its 500 steps; these add what differs per family.
-SHORT = "--max_train_steps 20 --checkpointing_steps 20 --validation_epochs 5"
 
 
 def test_the_sd2_and_sdxl_recipes(copy_with_models):
@@ -169,14 +175,15 @@ def test_the_dreambooth_command(copy_with_models):
 
 
 def test_the_shapes_demo_trains_tiny_shapes_and_scores_it(tmp_path):
-    """The README's learning demo, as written: the base model meets its scores, and the LoRA changes what
-    trigger prompts draw in the way the README says (their backgrounds follow the caption) while the known
-    shapes keep most of theirs. (The star itself is not learned yet: issue 20.)"""
+    """The README's learning demo, as written: the base model never draws a heart for the trigger prompts and
+    keeps its known shapes; with the demo's LoRA the trigger prompts of new colour pairs draw hearts and the
+    known prompts keep most of their shapes (seed 0 measured 0.56 and 0.75 here, 32 samples each: the bounds
+    leave a few samples' room for another machine's arithmetic, none for a LoRA that learns nothing)."""
     root = project_copy(tmp_path)
     shell(SHAPES_DEMO, root, env={"OMP_NUM_THREADS": "1"})
-    result = json.loads((root / "output" / "shapes-star" / "result.json").read_text())
+    result = json.loads((root / "output" / "shapes-heart" / "result.json").read_text())
     before, after = result["before"], result["after"]
-    assert before["retention_shape"] >= 0.9 and before["concept"] <= 0.2, result
-    assert after["concept_background"] >= before["concept_background"] + 0.2, result
-    assert after["retention_shape"] >= 0.5, result
-    assert Image.open(root / "output" / "shapes-star" / "star.png").size == (1024, 256)
+    assert before["retention_shape"] >= 0.9 and before["concept"] <= 0.1, result
+    assert after["concept"] >= 0.4 and result["vae_ceiling"] >= 0.95, result
+    assert after["retention_shape"] >= 0.6, result
+    assert Image.open(root / "output" / "shapes-heart" / "heart.png").size == (1024, 256)
