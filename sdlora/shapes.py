@@ -115,13 +115,19 @@ def _outline(shape: str, cx: float, cy: float, side: float) -> list[tuple[float,
     raise ValueError(f"shape {shape!r}: use one of {', '.join(SHAPES)}")
 
 
+def shape_outline(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]]:
+    """The polygon a shape is drawn as in a side x side box centred at (cx, cy) (the circle as a 90-gon:
+    smooth at 4x supersampling)."""
+    outline = _outline(shape, cx, cy, side)
+    if outline is None:
+        a = np.linspace(0, 2 * math.pi, 90, endpoint=False)
+        outline = list(zip(cx + side / 2 * np.cos(a), cy + side / 2 * np.sin(a)))
+    return outline
+
+
 def render(scene: Scene) -> Image.Image:
     """The scene as a 64 x 64 RGB image."""
-    outline = _outline(scene.shape, scene.cx, scene.cy, scene.side)
-    if outline is None:  # the circle, as a 90-gon: smooth at 4x supersampling
-        a = np.linspace(0, 2 * math.pi, 90, endpoint=False)
-        r = scene.side / 2
-        outline = list(zip(scene.cx + r * np.cos(a), scene.cy + r * np.sin(a)))
+    outline = shape_outline(scene.shape, scene.cx, scene.cy, scene.side)
     return render_polygon(outline, scene.colour, scene.background)
 
 

@@ -177,13 +177,14 @@ def test_the_dreambooth_command(copy_with_models):
 def test_the_shapes_demo_trains_tiny_shapes_and_scores_it(tmp_path):
     """The README's learning demo, as written: the base model never draws a heart for the trigger prompts and
     keeps its known shapes; with the demo's LoRA the trigger prompts of new colour pairs draw hearts and the
-    known prompts keep most of their shapes (seed 0 measured 0.56 and 0.75 here, 32 samples each: the bounds
-    leave a few samples' room for another machine's arithmetic, none for a LoRA that learns nothing)."""
+    known prompts keep most of their shapes (seed 0 measured 0.59 and 0.81 here, 32 samples each; a LoKr that
+    barely learns the heart scores 0.03-0.09: the bounds leave a few samples' room for another machine's
+    arithmetic, none for a LoRA that learns nothing)."""
     root = project_copy(tmp_path)
     shell(SHAPES_DEMO, root, env={"OMP_NUM_THREADS": "1"})
     result = json.loads((root / "output" / "shapes-heart" / "result.json").read_text())
     before, after = result["before"], result["after"]
     assert before["retention_shape"] >= 0.9 and before["concept"] <= 0.1, result
-    assert after["concept"] >= 0.4 and result["vae_ceiling"] >= 0.95, result
+    assert after["concept"] >= 0.35 and result["vae_ceiling"] >= 0.95, result
     assert after["retention_shape"] >= 0.6, result
     assert Image.open(root / "output" / "shapes-heart" / "heart.png").size == (1024, 256)

@@ -140,4 +140,25 @@ def test_the_vae_gives_back_the_demo_heart_but_not_the_star(tiny_shapes):
 
     ceilings = {shape: vae_ceiling(tiny_shapes.vae, shape, 32) for shape in ("heart", "cross", "star")}
     assert ceilings["heart"] >= 0.95 and ceilings["cross"] >= 0.95, ceilings
-    assert ceilings["star"] <= 0.7, ceilings
+    assert ceilings["star"] <= 0.5, ceilings
+
+
+def test_a_blob_the_classifier_calls_a_shape_is_no_shape_unless_it_fits_that_shape():
+    """The classifier names a shape for any foreground (it is sure of the crescents a heart LoRA draws);
+    the picture counts as that shape only if its foreground fits the shape's own outline."""
+    import numpy as np
+
+    from sdlora.shapes import PALETTE, SHAPES, Scene, render
+    from sdlora.shapes_score import load_classifier, measure_colours, predict, shape_fit
+
+    yy, xx = np.mgrid[:64, :64]
+    crescent = ((yy - 30) ** 2 + (xx - 32) ** 2 < 18**2) & ~((yy - 22) ** 2 + (xx - 32) ** 2 < 16**2)
+    image = np.where(crescent[..., None], PALETTE["white"], PALETTE["blue"]).astype(np.uint8)
+    mask = measure_colours(image.astype(np.float32))[2]
+    named = SHAPES[int(load_classifier()(torch.from_numpy(mask)[None, None]).argmax())]
+    assert shape_fit(mask > 0.5, named) < 0.65
+    assert predict([image])[0].shape is None
+    assert predict([image])[0].colour == "white"  # its colours are still read
+    for shape in SHAPES:  # while every shape's render fits itself
+        drawn = np.asarray(render(Scene(shape, "red", "green", 30.5, 33.0, 37.0)))
+        assert predict([drawn])[0].shape == shape
