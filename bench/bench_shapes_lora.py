@@ -33,8 +33,9 @@ from sdlora.tiny_model import TINY_SHAPES_DIR  # noqa: E402
 # The heart, not the star: tiny-shapes' VAE gives back a clean star for only 23% of star renders (hearts
 # 100%, crosses 98%), so no LoRA of its UNet can draw the star more often than that (docs/benchmarks.md).
 DEFAULT_SHAPE = "heart"
+# Demo pictures to train on; new colour pairs and places to prompt with; new pictures for the held-out loss.
 TRAIN_SEED, EVAL_SEED, HELDOUT_SEED = 1, 2, 3
-CONCEPT_GOAL = 0.6  # issue 20's concept rate for a LoRA that works  # demo pictures to train on; new colour pairs and places to prompt with
+CONCEPT_GOAL = 0.6  # issue 20's concept rate for a LoRA that works
 
 
 def training_data(args, work: Path) -> list[str]:
@@ -58,10 +59,7 @@ def training_data(args, work: Path) -> list[str]:
         reg = write_image_folder(work / "reg", pairs[args.num_images :])
         config = work / "dataset.toml"
         masks = f'\nmask_dir = "{work / "masks"}"' if "--mask_dir" in flags else ""
-        subsets = [
-            f'image_dir = "{data}"{masks}',
-            f'image_dir = "{reg}"\nis_reg = true',
-        ]
+        subsets = [f'image_dir = "{data}"{masks}', f'image_dir = "{reg}"\nis_reg = true']
         config.write_text("".join(f"[[subsets]]\n{s}\n\n" for s in subsets))
         flags = ["--dataset_config", str(config)]
     return flags + heldout
@@ -125,10 +123,10 @@ def learning_curve(args, output_dir: Path, started: float) -> list[dict]:
     from sdlora.generation import load_pipeline
 
     losses = heldout_losses(output_dir)
-    prompts = [caption(s, TRIGGER) for s in demo_scenes(args.shape, args.eval_samples, EVAL_SEED)]
+    prompts = trigger_prompts(args.shape, args.eval_samples)
     rows = []
-    for checkpoint in sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
-        step = int(checkpoint.name.split("-")[1])
+    checkpoints = {int(p.name.split("-")[1]): p for p in output_dir.glob("checkpoint-*")}
+    for step, checkpoint in sorted(checkpoints.items()):
         pipe, _ = load_pipeline(str(args.model), checkpoint)
         drawn = sample_and_score(pipe, prompts, guidance_scale=GUIDANCE_SCALE)
         rows.append({"step": step, "seconds": round(checkpoint.stat().st_mtime - started, 1),
@@ -141,10 +139,14 @@ def first_reaching(curve: list[dict], rate: float = CONCEPT_GOAL) -> dict | None
     return next((row for row in curve if row["concept"] >= rate), None)
 
 
+def trigger_prompts(shape: str, count: int) -> list[str]:
+    """Trigger captions of new colour pairs and places: what the concept rate is scored on."""
+    return [caption(s, TRIGGER) for s in demo_scenes(shape, count, EVAL_SEED)]
+
+
 def measure(pipe, shape: str, count: int) -> dict:
     """Concept rate on trigger prompts and shape accuracy on in-distribution prompts."""
-    trigger_prompts = [caption(s, TRIGGER) for s in demo_scenes(shape, count, EVAL_SEED)]
-    drawn = sample_and_score(pipe, trigger_prompts, guidance_scale=GUIDANCE_SCALE)
+    drawn = sample_and_score(pipe, trigger_prompts(shape, count), guidance_scale=GUIDANCE_SCALE)
     kept = sample_and_score(pipe, eval_prompts(count), guidance_scale=GUIDANCE_SCALE)
     return {
         "concept": shape_rate(predict(drawn["images"]), shape),
@@ -160,7 +162,7 @@ def picture(base, tuned, shape: str, path: Path, count: int = 8) -> None:
     """A PNG of `count` trigger prompts: the base model's pictures above, the LoRA's below (same seeds)."""
     from PIL import Image
 
-    prompts = [caption(s, TRIGGER) for s in demo_scenes(shape, count, EVAL_SEED)]
+    prompts = trigger_prompts(shape, count)
     rows = [
         sample_and_score(pipe, prompts, guidance_scale=GUIDANCE_SCALE)["images"] for pipe in (base, tuned)
     ]
@@ -219,17 +221,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(TINY_SHAPES_DIR), help="the pretrained shapes model")
     p.add_argument(
-        "--shape",
-        choices=HELD_OUT_SHAPES,
-        default=DEFAULT_SHAPE,
-        help="the held-out shape to teach",
+        "--shape", choices=HELD_OUT_SHAPES, default=DEFAULT_SHAPE, help="the held-out shape to teach"
     )
     p.add_argument("--num_images", type=int, default=16, help="pictures of the shape to train on")
     p.add_argument(
-        "--regularisation",
-        type=int,
-        default=256,
-        help="in-distribution pictures trained on beside them",
+        "--regularisation", type=int, default=256, help="in-distribution pictures trained on beside them"
     )
     p.add_argument(
         "--reg_mode",
@@ -250,12 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora_layers", choices=["attn", "attn_ff", "all"], default="attn", help="trained layers")
     p.add_argument("--train_batch_size", type=int, default=8, help="batch size")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="threads of the training run (2 to time it)",
-    )
+    p.add_argument("--threads", type=int, default=1, help="threads of the training run (2 to time it)")
     p.add_argument("--eval_samples", type=int, default=48, help="samples per score")
     p.add_argument("--skip_before", action="store_true", help="score only the LoRA, not the base")
     p.add_argument(
@@ -270,15 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="checkpoint every N steps and score each: the steps and seconds to a concept rate of 0.6",
     )
+    p.add_argument("--work_dir", default=None, help="folder for data, LoRA and result (default: a temp dir)")
     p.add_argument(
-        "--work_dir",
-        default=None,
-        help="folder for data, LoRA and result (default: a temp dir)",
-    )
-    p.add_argument(
-        "--picture",
-        default=None,
-        help="also write a PNG: the base's trigger pictures over the LoRA's",
+        "--picture", default=None, help="also write a PNG: the base's trigger pictures over the LoRA's"
     )
     p.add_argument("extra", nargs="*", help="more trainer flags, after --")
     return p.parse_args(argv)

@@ -34,7 +34,16 @@ from .shapes import (
     scene_rng,
     scenes,
 )
-from .shapes_eval import GUIDANCE_SCALE, HELD_OUT_SEED, eval_prompts, held_out_rates, rates, sample_and_score
+from .shapes_eval import (
+    GUIDANCE_SCALE,
+    HELD_OUT_SEED,
+    eval_prompts,
+    held_out_rates,
+    pixels,
+    rates,
+    sample_and_score,
+    to_uint8,
+)
 from .shapes_model import (
     MAX_TOKENS,
     build_scheduler,
@@ -90,11 +99,6 @@ class Recipe:
 
 
 # --- VAE ------------------------------------------------------------------------------------------
-
-
-def pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def examples(seed: int, start: int, count: int, polygon_every: int) -> tuple[np.ndarray, list[str]]:
@@ -180,7 +184,7 @@ def vae_report(vae, seed: int, count: int = 256) -> dict:
         x = pixels(images)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         mse = ((y - x) / 2).pow(2).mean().item()
-        decoded = ((y + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+        decoded = to_uint8(y)
         scores = score(list(decoded), [caption(s) for s in scenes_])
         report[name] = {"psnr": round(-10 * math.log10(mse), 2), **rates(scores)}
     return report

@@ -3,6 +3,7 @@ the targets tiny-shapes is held to, the held-out prompts, and sampling with fixe
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .shapes import HELD_OUT_SHAPES, TRIGGER, caption, demo_scenes, scenes
@@ -53,19 +54,23 @@ def eval_prompts(count: int, seed: int = HELD_OUT_SEED) -> list[str]:
     return [caption(s) for s in scenes(seed, count)]
 
 
+def pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as the VAE takes pictures."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """The inverse of pixels: float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+
+
 @torch.no_grad()
 def vae_ceiling(vae, shape: str, count: int = 64, seed: int = HELD_OUT_SEED) -> float:
     """How often the VAE's reconstruction of a render of `shape` is still a clean `shape` to the scorer:
     the most a LoRA of the UNet alone can reach (it can only ask the decoder for latents)."""
-    import numpy as np
-
     from .shapes import render_array
     from .shapes_score import predict, shape_rate
 
-    x = (
-        torch.from_numpy(render_array(demo_scenes(shape, count, seed))).permute(0, 3, 1, 2).float() / 127.5
-        - 1
-    )
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    decoded = ((y + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    x = pixels(render_array(demo_scenes(shape, count, seed)))
+    decoded = to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample)
     return shape_rate(predict(list(decoded)), shape)
