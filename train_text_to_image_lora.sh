@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Train a LoRA with accelerate. Extra arguments pass through to train_text_to_image_lora.py.
 #
-#   bash train_text_to_image_lora.sh                 # offline demo: the built-in tiny SD 1.x model on the CPU
-#   FAMILY=sdxl bash train_text_to_image_lora.sh     # the same demo on the tiny SDXL (FAMILY=sd2: the tiny SD 2.x)
+#   bash train_text_to_image_lora.sh                 # offline demo: the committed tiny-shapes model learns a heart, on the CPU
+#   FAMILY=sdxl bash train_text_to_image_lora.sh     # the mechanics on the random tiny SDXL (FAMILY=sd2: the tiny SD 2.x)
 #   MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 bash train_text_to_image_lora.sh   # the original recipe on a GPU
 #   MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 VAE_NAME=madebyollin/sdxl-vae-fp16-fix bash train_text_to_image_lora.sh
 #   MODEL_NAME=stabilityai/stable-diffusion-3.5-medium bash train_text_to_image_lora.sh   # SD 3.5, bf16
-#   RECIPE=my-recipe.toml bash train_text_to_image_lora.sh   # any recipe file (recipes/ holds the five above)
+#   RECIPE=my-recipe.toml bash train_text_to_image_lora.sh   # any recipe file (recipes/ holds those above)
 set -eu
 
 MODEL_NAME="${MODEL_NAME:-}"
@@ -19,20 +19,14 @@ DATASET_DIR="${DATASET_DIR:-datasets/$DATASET_NAME}"
 VALIDATION_PROMPTS="${VALIDATION_PROMPTS:-validation_prompts.txt}"
 PYTHON="${PYTHON:-python}"
 
-# Build the dataset from images/ + image_captions.json on first use.
-if [ ! -f "$DATASET_DIR/dataset_info.json" ]; then
-  "$PYTHON" create_dataset.py --images_dir "$IMAGES_DIR" --captions_file "$CAPTIONS_FILE" \
-    --output_dir "$(dirname "$DATASET_DIR")" --dataset_name "$(basename "$DATASET_DIR")"
-fi
-
 if [ -z "$MODEL_NAME" ]; then
-  # A built-in tiny model, on the CPU: the whole workflow, offline.
+  # A built-in tiny model, on the CPU: the whole workflow, offline. SD 1.x: the pretrained tiny-shapes,
+  # which learns what images/ shows; SD 2.x and SDXL: random tiny models, for the mechanics.
   case "${FAMILY:-sd1}" in
-    sd1) MODEL="tiny"; OUTPUT_DIR="${OUTPUT_DIR:-output/tiny-lora}" ;;
-    sd2|sdxl) MODEL="tiny-$FAMILY"; OUTPUT_DIR="${OUTPUT_DIR:-output/tiny-$FAMILY-lora}" ;;
+    sd1) MODEL="tiny-shapes"; OUTPUT_DIR="${OUTPUT_DIR:-output/tiny-lora}"; RECIPE="${RECIPE:-recipes/tiny-shapes.toml}" ;;
+    sd2|sdxl) MODEL="tiny-$FAMILY"; OUTPUT_DIR="${OUTPUT_DIR:-output/tiny-$FAMILY-lora}"; RECIPE="${RECIPE:-recipes/tiny.toml}" ;;
     *) echo "error: FAMILY=$FAMILY: use sd1, sd2 or sdxl" >&2; exit 2 ;;
   esac
-  RECIPE="${RECIPE:-recipes/tiny.toml}"
   # One thread per core not busy with other work (sdlora/cpu.py): every core beside one competing process
   # made a tiny step 3.6x slower, the free cores 0.9x (bench/bench_threads.py, docs/benchmarks.md).
   # OpenMP's default wait is kept: OMP_WAIT_POLICY=PASSIVE made the quiet step 2.8x slower.
@@ -50,6 +44,14 @@ else
     *) RECIPE="${RECIPE:-recipes/sd15.toml}" ;;
   esac
   MODEL_FLAGS="--pretrained_model_name_or_path $MODEL_NAME ${VAE_NAME:+--pretrained_vae_model_name_or_path $VAE_NAME}"
+fi
+
+# Build the dataset from images/ + image_captions.json on first use (the model's tokenizer counts the
+# caption tokens, its native size judges small images).
+if [ ! -f "$DATASET_DIR/dataset_info.json" ]; then
+  "$PYTHON" create_dataset.py --images_dir "$IMAGES_DIR" --captions_file "$CAPTIONS_FILE" \
+    --output_dir "$(dirname "$DATASET_DIR")" --dataset_name "$(basename "$DATASET_DIR")" \
+    --pretrained_model_name_or_path "${MODEL_NAME:-$MODEL}"
 fi
 
 # --quiet: on a failed run accelerate exits 1 after our one-line error, without a traceback of its own.

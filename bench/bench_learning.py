@@ -28,14 +28,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The default recipe (bench_shapes_lora.py's defaults: a heart, 16 pictures beside 256 of the known shapes as
-# an is_reg subset; LoRA of the attention layers, rank 4, lr 1e-3, 300 steps, batch 8) with one lever changed
-# per row.
+# The default recipe: the README's main command (recipes/tiny-shapes.toml on images/: a heart's 16 pictures
+# beside 32 of the known shapes as ordinary data; LoRA of the attention layers, rank 4, lr 1e-3, 300 steps,
+# batch 8), with one lever changed per row.
 ROWS = {
     "default": [],
     "no_reg": ["--regularisation", "0"],  # the shape's pictures alone
-    "prior32": ["--regularisation", "32"],  # fewer class pictures: each seen 37 times instead of about 5
-    "data32": ["--reg_mode", "data", "--regularisation", "32"],  # 32 known-shape pictures as plain data
+    "data64": ["--regularisation", "64"],  # twice the known-shape pictures
+    # prior preservation: the known shapes as a kohya is_reg subset (the default before this stop)
+    "prior256": ["--reg_mode", "is_reg", "--regularisation", "256"],
+    "prior32": ["--reg_mode", "is_reg", "--regularisation", "32"],  # the same with 32 class pictures
+    "prior256_w2": ["--reg_mode", "is_reg", "--regularisation", "256", "--", "--prior_loss_weight", "2"],
     "star": ["--shape", "star"],  # the star: its VAE reconstructions are clean stars only 23% of the time
     "plain": ["--", "--no-cache_latents", "--no-cache_text_embeddings"],  # the diffusers example's path
     "busy": ["--busy_background"],  # the shape's pictures on clutter their captions do not name
@@ -43,10 +46,13 @@ ROWS = {
     "attn_ff": ["--lora_layers", "attn_ff"],
     "all": ["--lora_layers", "all"],
     "rank16": ["--rank", "16"],
-    "lr3e-3": ["--learning_rate", "3e-3"],
+    "lr2e-3": ["--learning_rate", "2e-3"],
+    "steps600": ["--max_train_steps", "600"],
+    "steps600_b4": ["--max_train_steps", "600", "--train_batch_size", "4"],  # same compute, twice the updates
+    "cosine_lr2e-3": ["--learning_rate", "2e-3", "--", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0"],
+    "te": ["--", "--train_text_encoder"],
     "ema": ["--", "--use_ema"],
     "snr5": ["--", "--snr_gamma", "5"],
-    "snr5_lr3e-3": ["--learning_rate", "3e-3", "--", "--snr_gamma", "5"],
     "loha": ["--", "--network_type", "loha"],
     "lokr": ["--", "--network_type", "lokr"],
     "huber": ["--", "--loss_type", "huber", "--huber_schedule", "snr"],
@@ -55,7 +61,6 @@ ROWS = {
     "prodigy": ["--learning_rate", "1.0", "--", "--optimizer_type", "Prodigy"],
     "lion": ["--learning_rate", "1e-4", "--", "--optimizer_type", "Lion"],
     "loraplus": ["--", "--loraplus_lr_ratio", "16"],
-    "prior_w2": ["--", "--prior_loss_weight", "2"],
 }
 
 
@@ -79,8 +84,8 @@ def base_rates(eval_samples: int) -> dict:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from bench.bench_shapes_lora import DEFAULT_SHAPE, measure
     from sdlora.generation import load_pipeline
+    from sdlora.shapes_demo import DEFAULT_SHAPE, measure
     from sdlora.tiny_model import TINY_SHAPES_DIR
 
     torch.set_num_threads(1)

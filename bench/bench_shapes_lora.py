@@ -26,16 +26,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sdlora.shapes import HELD_OUT_SHAPES, TRIGGER, caption, demo_scenes, demo_set, write_image_folder  # noqa: E402
-from sdlora.shapes_eval import GUIDANCE_SCALE, eval_prompts, sample_and_score, vae_ceiling  # noqa: E402
+from sdlora.shapes_demo import (  # noqa: E402
+    CONCEPT_GOAL,
+    DEFAULT_SHAPE,
+    HELDOUT_SEED,
+    TRAIN_SEED,
+    measure,
+    picture,
+    trigger_prompts,
+)
+from sdlora.shapes_eval import GUIDANCE_SCALE, sample_and_score, vae_ceiling  # noqa: E402
 from sdlora.shapes_score import predict, shape_rate  # noqa: E402
 from sdlora.tiny_model import TINY_SHAPES_DIR  # noqa: E402
-
-# The heart, not the star: tiny-shapes' VAE gives back a clean star for only 23% of star renders (hearts
-# 100%, crosses 98%), so no LoRA of its UNet can draw the star more often than that (docs/benchmarks.md).
-DEFAULT_SHAPE = "heart"
-# Demo pictures to train on; new colour pairs and places to prompt with; new pictures for the held-out loss.
-TRAIN_SEED, EVAL_SEED, HELDOUT_SEED = 1, 2, 3
-CONCEPT_GOAL = 0.6  # issue 20's concept rate for a LoRA that works
 
 
 def training_data(args, work: Path) -> list[str]:
@@ -139,41 +141,6 @@ def first_reaching(curve: list[dict], rate: float = CONCEPT_GOAL) -> dict | None
     return next((row for row in curve if row["concept"] >= rate), None)
 
 
-def trigger_prompts(shape: str, count: int) -> list[str]:
-    """Trigger captions of new colour pairs and places: what the concept rate is scored on."""
-    return [caption(s, TRIGGER) for s in demo_scenes(shape, count, EVAL_SEED)]
-
-
-def measure(pipe, shape: str, count: int) -> dict:
-    """Concept rate on trigger prompts and shape accuracy on in-distribution prompts."""
-    drawn = sample_and_score(pipe, trigger_prompts(shape, count), guidance_scale=GUIDANCE_SCALE)
-    kept = sample_and_score(pipe, eval_prompts(count), guidance_scale=GUIDANCE_SCALE)
-    return {
-        "concept": shape_rate(predict(drawn["images"]), shape),
-        "concept_colour": drawn["colour"],
-        "concept_background": drawn["background"],
-        "retention_shape": kept["shape"],
-        "retention_colour": kept["colour"],
-        "retention_background": kept["background"],
-    }
-
-
-def picture(base, tuned, shape: str, path: Path, count: int = 8) -> None:
-    """A PNG of `count` trigger prompts: the base model's pictures above, the LoRA's below (same seeds)."""
-    from PIL import Image
-
-    prompts = trigger_prompts(shape, count)
-    rows = [
-        sample_and_score(pipe, prompts, guidance_scale=GUIDANCE_SCALE)["images"] for pipe in (base, tuned)
-    ]
-    size = rows[0][0].width
-    grid = Image.new("RGB", (size * count, size * 2), "white")
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            grid.paste(image, (c * size, r * size))
-    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
-
-
 def main(args: argparse.Namespace) -> None:
     import torch
 
@@ -224,13 +191,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shape", choices=HELD_OUT_SHAPES, default=DEFAULT_SHAPE, help="the held-out shape to teach"
     )
     p.add_argument("--num_images", type=int, default=16, help="pictures of the shape to train on")
+    # 32 pictures of the known shapes as ordinary data: the README's images/ (sdlora/sample_data.py).
     p.add_argument(
-        "--regularisation", type=int, default=256, help="in-distribution pictures trained on beside them"
+        "--regularisation", type=int, default=32, help="in-distribution pictures trained on beside them"
     )
     p.add_argument(
         "--reg_mode",
         choices=["data", "is_reg"],
-        default="is_reg",
+        default="data",
         help="the in-distribution pictures as a prior-preservation (is_reg) subset, or as ordinary data",
     )
     p.add_argument(

@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--base_model", default=None, help="Hub id or local diffusers folder (default: built-in tiny model)"
+        "--base_model",
+        default=None,
+        help="Hub id or local diffusers folder (default: the model the LoRA was trained on, if it is here; else the built-in tiny model)",
     )
     p.add_argument(
         "--lora_path",

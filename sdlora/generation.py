@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from .families import family_of_pipeline
 from .lora_files import LoadedLora, find_lora_file, load_lora, read_lora_file
 from .models import resolve_model
 from .prompts import Prompt, is_prompt_file, parse_line, read_prompt_file
+
+logger = logging.getLogger(__name__)
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
@@ -163,6 +166,18 @@ def lora_zero_terminal_snr(path: Path) -> bool:
     return read_header(path).get("ss_zero_terminal_snr") == "True"
 
 
+def lora_base_model(path: Path) -> str | None:
+    """The base model a LoRA was trained on (kohya's ss_sd_model_name), where it can be loaded from here: a
+    folder that exists, or a Hub id (owner/name). Other trainers write checkpoint file names there."""
+    from .lora_files import read_header
+
+    name = read_header(path).get("ss_sd_model_name") or ""
+    if name and Path(name).is_dir():
+        return name
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.endswith((".safetensors", ".ckpt", ".pt"))
+    return name if hub_id and not Path(name).exists() else None
+
+
 def load_pipeline(
     base_model: str | None,
     lora_path: str | Path | None = None,
@@ -179,9 +194,14 @@ def load_pipeline(
     """
     from .families import detect_family
 
+    lora_file = read_lora_file(find_lora_file(lora_path)) if lora_path else None
+    if base_model is None and lora_file and (trained_on := lora_base_model(lora_file.path)):
+        logger.info(
+            "base model: %s, which the LoRA was trained on (pass --base_model for another)", trained_on
+        )
+        base_model = trained_on
     model = resolve_model(base_model)
     device, dtype = pick_device(device, dtype)
-    lora_file = read_lora_file(find_lora_file(lora_path)) if lora_path else None
     try:
         family = detect_family(model, revision)
         pipe = family.pipeline_class.from_pretrained(

@@ -1,6 +1,11 @@
-"""The sample images, captions and validation prompts that ship with the toolkit, drawn with PIL.
+"""The sample images, captions and validation prompts that ship with the toolkit.
 
 python -m sdlora.sample_data --output_dir .   # rewrites images/, image_captions.json, validation_prompts.txt
+
+The toolkit's images/ is the demo set of the shapes world (write_demo_data): pictures of a heart, a shape
+tiny-shapes never drew, captioned with the trigger word, beside pictures of the shapes it knows. The
+tests' mechanical samples (write_sample_data) are a few pictures of mixed sizes and formats, for buckets,
+captioners and dataset building.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ SAMPLES = [
     ("night_moon.jpg", (128, 128), "midnightblue", "moon", "white", "a white moon in a night sky"),
 ]
 VALIDATION_PROMPTS = ["a red circle on a white background", "a blue square in a night sky"]
+# The demo: 16 heart pictures beside 32 of the known shapes, as ordinary captioned data (a LoRA trained on
+# the hearts alone redraws every prompt as a heart: docs/benchmarks.md). Validation draws a trigger prompt
+# of a colour pair the pictures never had, and a known shape.
+DEMO_HEARTS, DEMO_KNOWN = 16, 32
+DEMO_PROMPTS = ["a red sks heart on a green background", "a blue circle on a yellow background"]
 
 
 def draw_sample(size: tuple[int, int], background: str, shape: str, colour: str) -> Image.Image:
@@ -86,10 +96,27 @@ def write_sample_data(root: str | Path) -> None:
     atomic_write_text(root / "validation_prompts.txt", "\n".join(VALIDATION_PROMPTS) + "\n")
 
 
+def write_demo_data(root: str | Path) -> None:
+    """Write the demo's images/, image_captions.json and validation_prompts.txt under root."""
+    from .shapes import demo_set, render
+    from .shapes_demo import DEFAULT_SHAPE, TRAIN_SEED
+
+    root = Path(root)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    captions = {}
+    for i, (scene, text) in enumerate(demo_set(DEFAULT_SHAPE, DEMO_HEARTS, DEMO_KNOWN, TRAIN_SEED)):
+        path = images_dir / f"{i:03d}_{scene.colour}_{scene.shape}.png"
+        render(scene).save(path)
+        captions[path] = text
+    write_captions_json(root / "image_captions.json", captions)
+    atomic_write_text(root / "validation_prompts.txt", "\n".join(DEMO_PROMPTS) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write the toolkit's sample images, captions and prompts.")
     parser.add_argument("--output_dir", default=".", help="folder to write images/ and the text files into")
-    write_sample_data(parser.parse_args().output_dir)
+    write_demo_data(parser.parse_args().output_dir)
 
 
 if __name__ == "__main__":

@@ -415,3 +415,16 @@ def test_files_that_are_not_a_lora_for_this_model_are_refused_by_name(
     message = str(error.value)
     assert message.startswith(str(path)) and words in message and "\n" not in message, message
     assert not (tmp_path / "marker").exists()
+
+
+def test_without_a_base_model_the_lora_s_own_is_loaded_where_it_can_be(tmp_path, tiny_model):
+    """kohya's ss_sd_model_name names the model a LoRA was trained on: a folder that exists or a Hub id is
+    loaded when no base model is given; a checkpoint file name (other trainers') or a folder that is gone
+    falls back to the built-in tiny model."""
+    from sdlora.generation import lora_base_model
+
+    cases = {str(tiny_model): str(tiny_model), "owner/model": "owner/model", "v1-5-pruned.safetensors": None,
+             "sd/v1-5-pruned.ckpt": None, str(tmp_path / "gone"): None, "": None}  # fmt: skip
+    for name, expected in cases.items():
+        save_file({"x": torch.zeros(1)}, tmp_path / "lora.safetensors", metadata={"ss_sd_model_name": name})
+        assert lora_base_model(tmp_path / "lora.safetensors") == expected, name

@@ -43,11 +43,9 @@ TWO_MACHINES = (
     "datasets/Text2Image_example --max_train_steps 20 --output_dir output/two-machines"
 )
 DREAMBOOTH = marked_command("dreambooth")
-SHAPES_DEMO = marked_command("shapes-demo")
 
 RUN_BY = {
     DREAMBOOTH: "test_the_dreambooth_command",
-    SHAPES_DEMO: "test_the_shapes_demo_trains_tiny_shapes_and_scores_it",
     CAPTIONS: "test_the_gpu_workflow_runs_as_written_on_tiny_models",
     DATASET: "test_the_gpu_workflow_runs_as_written_on_tiny_models",
     RECIPE: "test_the_gpu_workflow_runs_as_written_on_tiny_models",
@@ -93,7 +91,7 @@ def test_the_gpu_workflow_runs_as_written_on_tiny_models(copy_with_models):
     (root / "image_captions.json").unlink()  # caption the images afresh, as step 1 does
     shell(CAPTIONS, root)
     captions = json.loads((root / "image_captions.json").read_text())
-    assert len(captions) == 8 and all(captions.values())
+    assert len(captions) == 48 and all(captions.values())
     shell(DATASET, root)
     # The original recipe with its own flags (batch 1 x 8, 8-bit Adam, lr 1e-4), its 500 steps cut to 20 as
     # the other families' below (its 500 steps took 4 of the suite's minutes and test nothing 20 do not).
@@ -112,7 +110,7 @@ def test_the_gpu_workflow_runs_as_written_on_tiny_models(copy_with_models):
     assert len(pngs) == 8 and all(Image.open(p).size == (64, 64) for p in pngs)  # 2 prompts x 4 images
     shell(BLIP, root)
     captions = json.loads((root / "image_captions.json").read_text())
-    assert len(captions) == 8  # resumed: captions already there are kept
+    assert len(captions) == 48  # resumed: captions already there are kept
 
 
 def test_the_sd2_and_sdxl_recipes(copy_with_models):
@@ -172,19 +170,3 @@ def test_the_dreambooth_command(copy_with_models):
     assert header["ss_num_reg_images"] == "100" and header["ss_prior_loss_weight"] == "1.0"
     assert json.loads(header["ss_tag_frequency"])["subject"] == {"a photo of sks dog": 3}
     assert "drew 100 class images" in run.stderr
-
-
-def test_the_shapes_demo_trains_tiny_shapes_and_scores_it(tmp_path):
-    """The README's learning demo, as written: the base model never draws a heart for the trigger prompts and
-    keeps its known shapes; with the demo's LoRA the trigger prompts of new colour pairs draw hearts and the
-    known prompts keep most of their shapes (seed 0 measured 0.59 and 0.81 here, 32 samples each; a LoKr that
-    barely learns the heart scores 0.03-0.09: the bounds leave a few samples' room for another machine's
-    arithmetic, none for a LoRA that learns nothing)."""
-    root = project_copy(tmp_path)
-    shell(SHAPES_DEMO, root, env={"OMP_NUM_THREADS": "1"})
-    result = json.loads((root / "output" / "shapes-heart" / "result.json").read_text())
-    before, after = result["before"], result["after"]
-    assert before["retention_shape"] >= 0.9 and before["concept"] <= 0.1, result
-    assert after["concept"] >= 0.35 and result["vae_ceiling"] >= 0.95, result
-    assert after["retention_shape"] >= 0.6, result
-    assert Image.open(root / "output" / "shapes-heart" / "heart.png").size == (1024, 256)

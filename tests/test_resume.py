@@ -218,3 +218,52 @@ def test_a_compiled_unet_with_a_separate_held_out_set_resumes_exactly(
     assert (out / "validation_loss.csv").read_text() == (
         tmp_path / "straight" / "validation_loss.csv"
     ).read_text()
+
+
+def test_a_killed_and_resumed_run_of_the_demo_learns_what_the_uninterrupted_one_does(tmp_path):
+    """The README's demo recipe on tiny-shapes (which really learns), killed with SIGKILL mid-run and resumed
+    from its last checkpoint: the same LoRA as a run never stopped, bit for bit, so the same pictures, and a
+    LoRA that has begun to draw the heart the base model never does."""
+    import signal
+
+    from conftest import run_script, script_command
+
+    from sdlora.captions import read_captions_json
+    from sdlora.dataset_builder import build_dataset, pair_examples
+    from sdlora.generation import load_pipeline
+    from sdlora.sample_data import write_demo_data
+    from sdlora.shapes_demo import DEFAULT_SHAPE, trigger_prompts
+    from sdlora.shapes_eval import sample_and_score
+    from sdlora.shapes_score import predict, shape_rate
+    from sdlora.tiny_model import TINY_SHAPES_DIR
+
+    write_demo_data(tmp_path)
+    examples, problems = pair_examples(
+        tmp_path / "images", read_captions_json(tmp_path / "image_captions.json"), "captions"
+    )
+    build_dataset(examples, data := tmp_path / "dataset", known_problems=problems)
+    run = (
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        "120",
+        "--checkpointing_steps",
+        "60",
+    )
+    ok(train(TINY_SHAPES_DIR, data, tmp_path / "straight", *run))
+    out = tmp_path / "out"
+    killed = run_script(script_command(TINY_SHAPES_DIR, data, out, *run), env={"SDLORA_KILL_AT": "step:90"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-60"]
+    assert "starting at 60" in ok(train(TINY_SHAPES_DIR, data, out, *run, *LATEST)).stderr
+    assert same_weights(out, tmp_path / "straight")
+    prompts = trigger_prompts(DEFAULT_SHAPE, 16)
+    drawn = {}
+    for name, lora in (("base", None), ("resumed", out), ("straight", tmp_path / "straight")):
+        pipe, _ = load_pipeline(str(TINY_SHAPES_DIR), lora)
+        drawn[name] = sample_and_score(pipe, prompts)["images"]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(drawn["resumed"], drawn["straight"]))
+    assert shape_rate(predict(drawn["base"]), DEFAULT_SHAPE) == 0
+    assert shape_rate(predict(drawn["resumed"]), DEFAULT_SHAPE) >= 1 / 16
