@@ -62,10 +62,17 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_key(tmp_path, capsys,
 
 def test_every_recipe_is_a_valid_config(tmp_path):
     recipes = sorted((REPO / "recipes").glob("*.toml"))
-    assert [p.stem for p in recipes] == ["sd15", "sd21", "sd35", "sdxl", "tiny"]
+    assert [p.stem for p in recipes] == ["sd15", "sd21", "sd35", "sdxl", "tiny-shapes", "tiny"]
     for recipe in recipes:
         cfg = parse_train_config("", [*DATA, "--config", str(recipe)])
-        assert cfg.optimization.seed == 42 and cfg.data.random_flip
+        if recipe.stem == "tiny-shapes":  # the learning benchmark's default row, seed 0 (no flips there)
+            assert (
+                cfg.optimization.seed == 0
+                and cfg.data.resolution == 64
+                and cfg.optimization.max_train_steps == 300
+            )
+        else:
+            assert cfg.optimization.seed == 42 and cfg.data.random_flip
     assert parse_train_config(
         "", [*DATA, "--config", str(REPO / "recipes/sdxl.toml")]
     ).speed.gradient_checkpointing
