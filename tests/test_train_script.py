@@ -126,13 +126,13 @@ def test_end_to_end_outputs(tmp_path, tiny_model, tiny_dataset, repo):
         assert len(pngs) == 4, pngs
         sizes = {p.name.split("_")[0]: Image.open(p).size for p in pngs}
         assert sizes == {
-            "00-a-red-circle-on-a-white-background": (64, 64),
-            "01-a-blue-square-in-a-night-sky": (48, 32),
+            "00-a-red-sks-heart-on-a-green-background": (64, 64),
+            "01-a-blue-circle-on-a-yellow-background": (48, 32),
         }
 
     scalars, images = scalars_and_images(out / "logs")
     assert len(scalars["loss"]) == 12 and len(scalars["lr"]) == 12
-    assert any("red-circle" in tag for tag in images) and any("blue-square" in tag for tag in images)
+    assert any("sks-heart" in tag for tag in images) and any("blue-circle" in tag for tag in images)
     args = json.loads((out / "args.json").read_text())
     assert (
         args["rank"] == 4
