@@ -90,7 +90,7 @@ def base_rates(eval_samples: int) -> dict:
 
     torch.set_num_threads(1)
     base, _ = load_pipeline(str(TINY_SHAPES_DIR))
-    return measure(base, DEFAULT_SHAPE, eval_samples)
+    return measure(base, DEFAULT_SHAPE, eval_samples)[0]
 
 
 def reached(result: dict) -> dict:

@@ -150,10 +150,10 @@ def main(args: argparse.Namespace) -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="shapes-lora-"))
     data = training_data(args, work)
     base, _ = load_pipeline(str(args.model))
-    before = measure(base, args.shape, args.eval_samples) if not args.skip_before else {}
+    before, base_pictures = measure(base, args.shape, args.eval_samples) if not args.skip_before else ({}, [])
     started, seconds = train_lora(args, data, work / "lora")
     tuned, _ = load_pipeline(str(args.model), work / "lora")
-    after = measure(tuned, args.shape, args.eval_samples)
+    after, lora_pictures = measure(tuned, args.shape, args.eval_samples)
     losses = heldout_losses(work / "lora")
     after["heldout_loss"] = losses[max(losses)] if losses else float("nan")  # at the last step
     ceiling = vae_ceiling(base.vae, args.shape, args.eval_samples)  # the most a UNet LoRA can reach
@@ -179,7 +179,10 @@ def main(args: argparse.Namespace) -> None:
         )
     (work / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.picture:
-        picture(base, tuned, args.shape, Path(args.picture))
+        if not base_pictures:  # --skip_before: the base model's trigger pictures for the PNG alone
+            prompts = trigger_prompts(args.shape, 8)
+            base_pictures = sample_and_score(base, prompts, guidance_scale=GUIDANCE_SCALE)["images"]
+        picture([base_pictures, lora_pictures], Path(args.picture))
         print(args.picture)
     print(work / "result.json")
 

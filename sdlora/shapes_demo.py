@@ -39,11 +39,12 @@ def trigger_prompts(shape: str, count: int) -> list[str]:
     return [caption(s, TRIGGER) for s in demo_scenes(shape, count, EVAL_SEED)]
 
 
-def measure(pipe, shape: str, count: int) -> dict:
-    """Concept rate on trigger prompts and shape accuracy on in-distribution prompts."""
+def measure(pipe, shape: str, count: int) -> tuple[dict, list]:
+    """Concept rate on trigger prompts and shape accuracy on in-distribution prompts, and the trigger
+    prompts' pictures (what `picture` shows: drawn once)."""
     drawn = sample_and_score(pipe, trigger_prompts(shape, count), guidance_scale=GUIDANCE_SCALE)
     kept = sample_and_score(pipe, eval_prompts(count), guidance_scale=GUIDANCE_SCALE)
-    return {
+    scores = {
         "concept": shape_rate(predict(drawn["images"]), shape),
         "concept_colour": drawn["colour"],
         "concept_background": drawn["background"],
@@ -51,17 +52,16 @@ def measure(pipe, shape: str, count: int) -> dict:
         "retention_colour": kept["colour"],
         "retention_background": kept["background"],
     }
+    return scores, drawn["images"]
 
 
-def picture(base, tuned, shape: str, path: str | Path, count: int = 8) -> None:
-    """A PNG of `count` trigger prompts: the base model's pictures above, the LoRA's below (same seeds)."""
+def picture(rows: list[list], path: str | Path, count: int = 8) -> None:
+    """A PNG of the first `count` trigger pictures of each row: the base model's above, the LoRA's below
+    (measure's pictures: same prompts and seeds)."""
     from PIL import Image
 
-    prompts = trigger_prompts(shape, count)
-    rows = [
-        sample_and_score(pipe, prompts, guidance_scale=GUIDANCE_SCALE)["images"] for pipe in (base, tuned)
-    ]
-    size = rows[0][0].width
+    rows = [images[:count] for images in rows]
+    count, size = len(rows[0]), rows[0][0].width
     grid = Image.new("RGB", (size * count, size * 2), "white")
     for r, images in enumerate(rows):
         for c, image in enumerate(images):
@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_logging.disable_progress_bar()  # the table is the output; no loading bars around it
     transformers_logging.disable_progress_bar()
     base, _ = load_pipeline(args.base_model)
-    before = measure(base, args.shape, args.samples)
+    before, base_pictures = measure(base, args.shape, args.samples)
     tuned, _ = load_pipeline(args.base_model, args.lora_path)
-    after = measure(tuned, args.shape, args.samples)
+    after, lora_pictures = measure(tuned, args.shape, args.samples)
     print(report(before, after, args.shape))
     print(f"({args.samples} samples a score, 20 steps, guidance {GUIDANCE_SCALE}; a LoRA that works: concept >= {CONCEPT_GOAL})")  # fmt: skip
     if args.picture:
-        picture(base, tuned, args.shape, args.picture)
+        picture([base_pictures, lora_pictures], args.picture)
         print(f"{args.picture}: trigger prompts, the base model above, the LoRA below")
 
 
