@@ -72,20 +72,26 @@ def sample_data(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """The sample images and captions as a dataset saved by the dataset builder."""
+def build_root_dataset(root: Path) -> Path:
+    """root/images + root/image_captions.json as a dataset saved by the dataset builder, in root/dataset."""
     from sdlora.captions import read_captions_json
     from sdlora.dataset_builder import build_dataset, pair_examples
-    from sdlora.sample_data import write_sample_data
 
-    root = tmp_path_factory.mktemp("data")
-    write_sample_data(root)
     examples, problems = pair_examples(
         root / "images", read_captions_json(root / "image_captions.json"), "captions"
     )
     build_dataset(examples, root / "dataset", known_problems=problems)
     return root / "dataset"
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """The sample images and captions as a dataset saved by the dataset builder."""
+    from sdlora.sample_data import write_sample_data
+
+    root = tmp_path_factory.mktemp("data")
+    write_sample_data(root)
+    return build_root_dataset(root)
 
 
 def run_script(args: list[str], cwd: Path | None = None, timeout: int = 600, env: dict | None = None):

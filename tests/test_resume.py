@@ -226,10 +226,8 @@ def test_a_killed_and_resumed_run_of_the_demo_learns_what_the_uninterrupted_one_
     LoRA that has begun to draw the heart the base model never does."""
     import signal
 
-    from conftest import run_script, script_command
+    from conftest import build_root_dataset, run_script, script_command
 
-    from sdlora.captions import read_captions_json
-    from sdlora.dataset_builder import build_dataset, pair_examples
     from sdlora.generation import load_pipeline
     from sdlora.sample_data import write_demo_data
     from sdlora.shapes_demo import DEFAULT_SHAPE, trigger_prompts
@@ -238,19 +236,10 @@ def test_a_killed_and_resumed_run_of_the_demo_learns_what_the_uninterrupted_one_
     from sdlora.tiny_model import TINY_SHAPES_DIR
 
     write_demo_data(tmp_path)
-    examples, problems = pair_examples(
-        tmp_path / "images", read_captions_json(tmp_path / "image_captions.json"), "captions"
-    )
-    build_dataset(examples, data := tmp_path / "dataset", known_problems=problems)
+    data = build_root_dataset(tmp_path)
     run = (
-        "--resolution",
-        "64",
-        "--train_batch_size",
-        "8",
-        "--max_train_steps",
-        "120",
-        "--checkpointing_steps",
-        "60",
+        *("--resolution", "64", "--train_batch_size", "8"),
+        *("--max_train_steps", "120", "--checkpointing_steps", "60"),
     )
     ok(train(TINY_SHAPES_DIR, data, tmp_path / "straight", *run))
     out = tmp_path / "out"
